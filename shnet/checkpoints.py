@@ -1,0 +1,159 @@
+"""Weights from local files, loaded without executing untrusted code, matched to models by name.
+
+Supported: ``.pth``/``.pt``/``.bin``/``.ckpt`` (torch weights-only unpickling), ``.safetensors``,
+detectron2-style ``.pkl`` (a restricted unpickler that admits numpy arrays and plain containers
+only), and Hugging Face model folders (``model.safetensors`` or ``pytorch_model.bin``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import pickle
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from .errors import CheckpointMismatchError, ShnetError
+
+_SHA_CACHE: dict[tuple[str, float, int], str] = {}
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file (of every file, sorted by name, for a folder); memoised per (path, mtime, size)."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    stat = [(str(f), f.stat().st_mtime, f.stat().st_size) for f in files]
+    key = (str(path), max((s[1] for s in stat), default=0.0), sum(s[2] for s in stat))
+    if key not in _SHA_CACHE:
+        digest = hashlib.sha256()
+        for f in files:
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(chunk)
+        _SHA_CACHE[key] = digest.hexdigest()
+    return _SHA_CACHE[key]
+
+
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    """Admits numpy arrays/scalars and builtin containers; refuses every other global."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("collections", "OrderedDict"),
+        ("builtins", "set"),
+        ("builtins", "frozenset"),
+        ("builtins", "slice"),
+        ("builtins", "complex"),
+    }
+
+    def find_class(self, module, name):
+        if (module, name) in self._ALLOWED:
+            if module.startswith("numpy"):
+                import importlib
+
+                return getattr(importlib.import_module(module), name)
+            if module == "collections":
+                import collections
+
+                return getattr(collections, name)
+            import builtins
+
+            return getattr(builtins, name)
+        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}: only numpy arrays and plain containers are allowed")
+
+
+def load_pickle_arrays(path: str | Path):
+    """Load a ``.pkl`` holding numpy arrays in plain containers (the detectron2 model-zoo format)."""
+    with open(path, "rb") as fh:
+        data = fh.read()
+    try:
+        return _ArraysOnlyUnpickler(io.BytesIO(data), encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as exc:
+        raise ShnetError(f"{path}: not a weights pickle shnet can read safely ({exc})") from exc
+
+
+def load_weights_file(path: str | Path, extra_safe_globals: tuple = ()) -> object:
+    """Load the raw object stored in a local weights file, never executing arbitrary pickled code."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ShnetError(f"weights not found: {path} (weights are read from local files only; nothing is downloaded)")
+    if path.is_dir():
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            if (path / name).exists():
+                return load_weights_file(path / name)
+        raise ShnetError(f"{path}: a model folder needs model.safetensors or pytorch_model.bin")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    if suffix == ".pkl":
+        return load_pickle_arrays(path)
+    try:
+        if extra_safe_globals:
+            with torch.serialization.safe_globals(list(extra_safe_globals)):
+                return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ShnetError(
+            f"{path}: refused to load: the file holds Python objects beyond tensors and plain containers "
+            f"({str(exc).splitlines()[0]}); re-save it as a plain state dict or .safetensors"
+        ) from exc
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise ShnetError(f"{path}: not a readable torch checkpoint ({str(exc).splitlines()[0]})") from exc
+
+
+def to_tensor_dict(state: Mapping) -> dict[str, torch.Tensor]:
+    """Tensors (numpy arrays converted) of a flat state mapping; non-array entries dropped."""
+    out = {}
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor):
+            out[key] = value
+        elif isinstance(value, np.ndarray):
+            out[key] = torch.from_numpy(np.ascontiguousarray(value))
+    return out
+
+
+def strip_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Remove ``prefix`` from every key that has it (e.g. ``module.`` from DataParallel checkpoints)."""
+    return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state.items()}
+
+
+def mismatch_report(expected: Mapping[str, torch.Tensor], loaded: Mapping[str, torch.Tensor]) -> list[str]:
+    """Lines naming every missing key, unexpected key and shape mismatch (empty when they match)."""
+    lines = []
+    missing = [k for k in expected if k not in loaded]
+    unexpected = [k for k in loaded if k not in expected]
+    shapes = [
+        f"  {k}: model {tuple(expected[k].shape)} vs file {tuple(loaded[k].shape)}"
+        for k in expected
+        if k in loaded and tuple(expected[k].shape) != tuple(loaded[k].shape)
+    ]
+    if missing:
+        lines.append(f"missing from the file ({len(missing)}):")
+        lines += [f"  {k}" for k in missing[:50]] + ([f"  ... and {len(missing) - 50} more"] if len(missing) > 50 else [])
+    if unexpected:
+        lines.append(f"not used by the model ({len(unexpected)}):")
+        lines += [f"  {k}" for k in unexpected[:50]] + ([f"  ... and {len(unexpected) - 50} more"] if len(unexpected) > 50 else [])
+    if shapes:
+        lines.append(f"shape mismatches ({len(shapes)}):")
+        lines += shapes
+    return lines
+
+
+def load_state_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Load ``state`` into ``module`` requiring every key used and every shape equal; otherwise raise
+    :class:`CheckpointMismatchError` with the full report, naming ``source``."""
+    expected = module.state_dict()
+    report = mismatch_report(expected, state)
+    if report:
+        raise CheckpointMismatchError(f"{source} does not match {type(module).__name__}:\n" + "\n".join(report))
+    module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)

@@ -1,0 +1,1 @@
+"""The extraction half of shnet: images -> staged Dask jobs -> HDF5/Parquet shard caches."""

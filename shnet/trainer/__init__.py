@@ -1,0 +1,1 @@
+"""The training half of shnet: cached features -> trained 3SHNet retrieval model -> metrics."""
