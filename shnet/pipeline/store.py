@@ -146,7 +146,7 @@ class Cache:
         shards = self.done_shards(stage)
         if not shards:
             raise CacheError(f"stage '{stage}' has no complete shard in {self.root}; run `shnet extract ... --stages {stage}`")
-        frames = [pd.read_parquet(self.table_path(stage, s)).assign(shard=s) for s in shards]
+        frames = [pd.read_parquet(self.table_path(stage, s)) for s in shards]
         return pd.concat(frames, ignore_index=True)
 
     def open_arrays(self, stage: str, shard: int) -> h5py.File:
@@ -257,6 +257,7 @@ class ShardWriter:
     def commit(self, table: pd.DataFrame, summary: Mapping | None = None) -> None:
         if len(table) != self.num_rows:
             raise CacheError(f"internal: shard {self.shard} of '{self.stage}' has {len(table)} table rows for {self.num_rows} array rows")
+        table = table.assign(shard=np.int32(self.shard))
         self.h5.flush()
         self.h5.close()
         with open(self.tmp, "rb") as fh:
