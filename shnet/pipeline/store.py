@@ -332,10 +332,15 @@ class CacheLock:
         self.release()
 
 
-def record_stage_config(cache: Cache, stage: str, config: Mapping) -> None:
-    """Record ``stage``'s config in the cache, or refuse if the cache holds it with another config."""
+def record_stage_config(cache: Cache, stage: str, config: Mapping, location_keys: Iterable[str] = ()) -> None:
+    """Record ``stage``'s config in the cache, or refuse if the cache holds it with another config.
+
+    ``location_keys`` (e.g. a weights path, whose content is identified by its sha256 instead) do
+    not take part in the comparison.
+    """
     stages = cache.record.setdefault("stages", {})
-    digest = config_hash(config)
+    skip = set(location_keys)
+    digest = config_hash({k: v for k, v in config.items() if k not in skip})
     existing = stages.get(stage)
     if existing is not None and existing["config_hash"] != digest:
         raise CacheError(config_mismatch_message(cache.root, stage, existing["config"], dict(config)))

@@ -1,0 +1,177 @@
+"""Grid-feature backbones: the last convolutional stage of a CNN, kept spatial (no pooling).
+
+``model`` names a torchvision ResNet-family architecture (``resnet152``; the ResNeXt-101 32x8d WSL
+weights use ``resnext101_32x8d``) or ``timm:<name>`` for any timm model whose ``forward_features``
+returns a feature map. ``weights`` is a local state dict in that library's own parameter names
+(``.pth``/``.safetensors``/HF folder); classifier-head entries (``fc.*``, ``head.*``,
+``classifier.*``) are ignored and every other entry must match the architecture exactly.
+``weights="random"`` builds a fixed-seed random initialisation: meaningless features, for tests and
+smoke runs only.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+import timm
+import torch
+import torchvision
+from torch import nn
+
+from ...errors import CheckpointMismatchError, ShnetError
+from ...checkpoints import mismatch_report
+from .state_dicts import read_state_dict
+
+TORCHVISION_ARCHITECTURES = (
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "resnext50_32x4d",
+    "resnext101_32x8d",
+    "resnext101_64x4d",
+    "wide_resnet50_2",
+    "wide_resnet101_2",
+)
+TIMM_PREFIX = "timm:"
+RANDOM_WEIGHTS = "random"
+RANDOM_SEED = 0
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HEAD_PREFIXES = ("fc.", "head.", "classifier.")
+PREPROCESS_MODES = ("stretch", "pad")
+
+
+class ResNetTrunk(nn.Module):
+    """A torchvision ResNet up to ``layer4``; parameter names stay torchvision's, minus ``fc``."""
+
+    def __init__(self, resnet: torchvision.models.ResNet):
+        super().__init__()
+        self.conv1 = resnet.conv1
+        self.bn1 = resnet.bn1
+        self.relu = resnet.relu
+        self.maxpool = resnet.maxpool
+        self.layer1 = resnet.layer1
+        self.layer2 = resnet.layer2
+        self.layer3 = resnet.layer3
+        self.layer4 = resnet.layer4
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(images))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+
+class GridBackbone(nn.Module):
+    """Normalised images ``[B,3,H,W]`` -> grid features ``[B, channels, ceil(H/stride), ceil(W/stride)]``.
+
+    ``mean``/``std`` are the per-channel RGB statistics (on pixels scaled to [0,1]) the weights expect.
+    """
+
+    def __init__(self, net: nn.Module, name: str, channels: int, stride: int, mean, std):
+        super().__init__()
+        self.net = net
+        self.name = name
+        self.channels = channels
+        self.stride = stride
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net.forward_features(images)
+
+
+def build_grid_backbone(model: str, weights: str | Path | None) -> GridBackbone:
+    """The backbone ``model`` with ``weights`` (a local file, or ``"random"``), in eval mode."""
+    if weights is None:
+        raise ShnetError(
+            f"grid model {model} needs weights: pass --set grid.weights=/path/to/file.pth "
+            f"(a local {model} state dict), or --set grid.weights=random for a random-init smoke run"
+        )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_SEED)
+        if model.startswith(TIMM_PREFIX):
+            backbone = _timm_backbone(model)
+        elif model in TORCHVISION_ARCHITECTURES:
+            backbone = _torchvision_backbone(model)
+        else:
+            raise ShnetError(
+                f"unknown grid model {model!r}: use one of {', '.join(TORCHVISION_ARCHITECTURES)}, "
+                f"or timm:<name> for a timm CNN (e.g. timm:resnet152)"
+            )
+    if weights != RANDOM_WEIGHTS:
+        _load_ignoring_head(backbone.net, read_state_dict(weights), str(weights), model)
+    return backbone.eval()
+
+
+def _torchvision_backbone(model: str) -> GridBackbone:
+    resnet = getattr(torchvision.models, model)(weights=None)
+    return GridBackbone(ResNetTrunk(resnet), model, resnet.fc.in_features, 32, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def _timm_backbone(model: str) -> GridBackbone:
+    name = model[len(TIMM_PREFIX):]
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name}*")[:10]
+        hint = f" (similar: {', '.join(close)})" if close else ""
+        raise ShnetError(f"timm has no model named {name!r}{hint}")
+    net = timm.create_model(name, pretrained=False, num_classes=0).eval()
+    cfg = net.pretrained_cfg
+    size = cfg.get("input_size", (3, 224, 224))[1:]
+    with torch.no_grad():
+        probe = net.forward_features(torch.zeros(1, 3, *size))
+    if probe.ndim != 4:
+        raise ShnetError(
+            f"{model}: forward_features returns a {tuple(probe.shape)} tensor, not a spatial feature map; "
+            "grid features need a convolutional model"
+        )
+    stride = size[0] // probe.shape[2]
+    return GridBackbone(net, model, probe.shape[1], stride, cfg["mean"], cfg["std"])
+
+
+def _load_ignoring_head(net: nn.Module, state: dict[str, torch.Tensor], source: str, model: str) -> None:
+    """Load every non-head entry of ``state`` into ``net``, requiring names and shapes to match.
+
+    Checkpoints saved before BatchNorm counted its batches lack ``num_batches_tracked``; that
+    counter is unused at inference, so its absence is not a mismatch.
+    """
+    loaded = {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIXES)}
+    expected = {
+        k: v
+        for k, v in net.state_dict().items()
+        if not k.startswith(HEAD_PREFIXES) and not (k.endswith("num_batches_tracked") and k not in loaded)
+    }
+    report = mismatch_report(expected, loaded)
+    if report:
+        raise CheckpointMismatchError(f"{source} does not match grid model {model}:\n" + "\n".join(report))
+    net.load_state_dict(loaded, strict=False)
+
+
+def preprocess(
+    rgb_uint8: np.ndarray, input_size: int, mode: str, mean, std, stride: int = 32
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """An RGB image ``[H,W,3]`` uint8 -> normalised float32 ``[3, input_size, input_size]`` and the
+    number of grid rows/columns the image covers.
+
+    ``stretch`` resizes to the square (the whole grid is valid). ``pad`` resizes the longer side to
+    ``input_size`` keeping the aspect ratio and puts the image top-left, zeros (the normalised mean)
+    filling the bottom/right; the valid grid is ``ceil(resized / stride)`` per axis.
+    """
+    if mode not in PREPROCESS_MODES:
+        raise ShnetError(f"unknown grid preprocess mode {mode!r}: use one of {', '.join(PREPROCESS_MODES)}")
+    height, width = rgb_uint8.shape[:2]
+    if mode == "stretch":
+        new_h = new_w = input_size
+    else:
+        scale = input_size / max(height, width)
+        new_h = min(input_size, max(1, round(height * scale)))
+        new_w = min(input_size, max(1, round(width * scale)))
+    shrinking = new_h <= height and new_w <= width
+    resized = cv2.resize(rgb_uint8, (new_w, new_h), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+    normalised = (resized.astype(np.float32) / 255.0 - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    out = np.zeros((3, input_size, input_size), np.float32)
+    out[:, :new_h, :new_w] = normalised.transpose(2, 0, 1)
+    return out, (math.ceil(new_h / stride), math.ceil(new_w / stride))

@@ -1,0 +1,158 @@
+"""What a stage is: its options, its dependencies, and how it turns one shard into arrays + a table.
+
+A stage never touches Dask or the cache layout itself: the runner hands it a :class:`ShardJob`
+and a :class:`~shnet.pipeline.store.ShardWriter`. Image stages subclass :class:`ImageStage`, which
+streams the shard's decodable images through the model in batches, decoding the next batch in a
+background thread while the current one runs.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterator, Mapping
+
+import numpy as np
+import pandas as pd
+
+from ...errors import ImageDecodeError, ShnetError
+from ..store import ShardWriter
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One per-image output array: its shape per image, dtype and fill value for failed images."""
+
+    shape: tuple
+    dtype: str
+    fill: float = 0
+
+
+@dataclass
+class ShardJob:
+    """Everything a stage needs to process one shard (picklable: sent to Dask workers)."""
+
+    cache_root: str
+    stage: str
+    shard: int
+    images: pd.DataFrame  # image_id, path, row, status, error (status from the probe stage)
+    config: dict
+    device: str = "cpu"
+    batch_size: int = 8
+
+
+@dataclass
+class StageOutput:
+    """Per-batch results: arrays keyed like :meth:`Stage.outputs`, scalars per image for the table."""
+
+    arrays: dict[str, np.ndarray]
+    scalars: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+class Stage:
+    """Base of every stage. Subclasses set ``name``, ``requires``, ``defaults`` and implement the rest."""
+
+    name: ClassVar[str]
+    requires: ClassVar[tuple[str, ...]] = ()
+    defaults: ClassVar[dict[str, Any]] = {}
+    # options that name where something is rather than what it is: not part of the config identity
+    location_keys: ClassVar[tuple[str, ...]] = ()
+    description: ClassVar[str] = ""
+
+    def resolve_config(self, options: Mapping[str, Any]) -> dict:
+        """Defaults + options, checked; may add derived identity fields (e.g. the weights sha256)."""
+        unknown = sorted(set(options) - set(self.defaults))
+        if unknown:
+            valid = ", ".join(f"{self.name}.{k}" for k in sorted(self.defaults))
+            raise ShnetError(f"unknown option(s) {', '.join(f'{self.name}.{k}' for k in unknown)}; valid options: {valid}")
+        return {**self.defaults, **dict(options)}
+
+    def outputs(self, config: Mapping, model: Any) -> dict[str, ArraySpec]:
+        raise NotImplementedError
+
+    def attrs(self, config: Mapping, model: Any) -> dict:
+        """Extra HDF5 root attributes (model name, weights sha256, label set...)."""
+        return {}
+
+    def run(self, job: ShardJob, writer: ShardWriter, model: Any) -> pd.DataFrame:
+        """Fill ``writer`` for every row of the shard and return the shard's table."""
+        raise NotImplementedError
+
+    def load(self, config: Mapping, device: str) -> Any:
+        """Build the stage's model once per worker process (cached by the runner)."""
+        return None
+
+
+class ImageStage(Stage):
+    """A stage that runs a model over the decoded RGB images of a shard, batch by batch."""
+
+    requires: ClassVar[tuple[str, ...]] = ("probe",)
+    #: shorter side a JPEG may be draft-decoded down to (None: full resolution)
+    def draft_size(self, config: Mapping) -> int | None:
+        return None
+
+    def prepare(self, rgb: np.ndarray, config: Mapping, model: Any) -> Any:
+        """Per-image CPU preprocessing, run in the decode thread (e.g. resize + normalise)."""
+        return rgb
+
+    def infer(self, model: Any, prepared: list, config: Mapping, device: str) -> StageOutput:
+        raise NotImplementedError
+
+    def run(self, job: ShardJob, writer: ShardWriter, model: Any) -> pd.DataFrame:
+        specs = self.outputs(job.config, model)
+        for name, spec in specs.items():
+            writer.create(name, spec.shape, spec.dtype, spec.fill)
+        table = job.images[["image_id", "row"]].copy()
+        table["status"] = job.images["status"].where(job.images["status"] == "error", "ok").to_numpy()
+        table["error"] = job.images["error"].fillna("").to_numpy()
+        table["seconds"] = 0.0
+        scalar_columns: dict[str, np.ndarray] = {}
+        todo = job.images[job.images["status"] != "error"]
+        for batch, prepared, failures, decode_seconds in self._prefetched_batches(todo, job, model):
+            for row, message in failures:
+                table.loc[table["row"] == row, ["status", "error"]] = ["error", message]
+            if not batch:
+                continue
+            start = time.perf_counter()
+            out = self.infer(model, prepared, job.config, job.device)
+            elapsed = time.perf_counter() - start + decode_seconds
+            rows = np.asarray(batch)
+            order = np.argsort(rows)
+            for name, values in out.arrays.items():
+                writer.write(name, rows[order], values[order])
+            for name, values in out.scalars.items():
+                column = scalar_columns.setdefault(name, np.zeros(len(table), dtype=np.asarray(values).dtype))
+                column[rows] = values
+            table.loc[table["row"].isin(rows), "seconds"] = elapsed / len(rows)
+        for name, column in scalar_columns.items():
+            table[name] = column[table["row"].to_numpy()]
+        return table.reset_index(drop=True)
+
+    def _prefetched_batches(self, todo: pd.DataFrame, job: ShardJob, model: Any) -> Iterator:
+        """Yield (rows, prepared, failures, decode_seconds) per batch, decoding one batch ahead."""
+        records = list(zip(todo["row"].tolist(), todo["path"].tolist()))
+        chunks = [records[i : i + job.batch_size] for i in range(0, len(records), job.batch_size)]
+        if not chunks:
+            return
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="shnet-decode") as pool:
+            pending = pool.submit(self._decode_batch, chunks[0], job.config, model)
+            for index in range(len(chunks)):
+                result = pending.result()
+                if index + 1 < len(chunks):
+                    pending = pool.submit(self._decode_batch, chunks[index + 1], job.config, model)
+                yield result
+
+    def _decode_batch(self, chunk: list, config: Mapping, model: Any):
+        from ..images import decode_image
+
+        start = time.perf_counter()
+        rows, prepared, failures = [], [], []
+        draft = self.draft_size(config)
+        for row, path in chunk:
+            try:
+                prepared.append(self.prepare(decode_image(path, draft_size=draft), config, model))
+                rows.append(row)
+            except ImageDecodeError as exc:
+                failures.append((row, str(exc)))
+        return rows, prepared, failures, time.perf_counter() - start

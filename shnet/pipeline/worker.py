@@ -1,0 +1,126 @@
+"""What runs inside a Dask worker process: its one-time setup, its model cache, the shard task."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pandas as pd
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from ..errors import ShnetError
+from .stages import get_stage
+from .stages.base import ShardJob
+from .store import Cache, ShardWriter, config_hash
+
+_MODELS: dict[tuple, object] = {}
+_MODELS_LOCK = threading.Lock()
+
+
+def setup_process(torch_threads: int, device: str, worker_name=None) -> str:
+    """Pin thread pools, install the torchvision fallbacks, pick this worker's GPU. Returns the device."""
+    import cv2
+    import torch
+
+    from ..torchvision_compat import ensure_torchvision
+
+    torch.set_num_threads(max(1, int(torch_threads)))
+    cv2.setNumThreads(1)
+    ensure_torchvision()
+    if device == "cuda" and torch.cuda.is_available():
+        index = int(worker_name) % torch.cuda.device_count() if str(worker_name).isdigit() else 0
+        torch.cuda.set_device(index)
+        device = f"cuda:{index}"
+    os.environ["SHNET_WORKER_DEVICE"] = device
+    return device
+
+
+class WorkerSetup(WorkerPlugin):
+    """Dask worker plugin running :func:`setup_process` in every worker, including restarted ones."""
+
+    name = "shnet-worker-setup"
+
+    def __init__(self, torch_threads: int, device: str):
+        self.torch_threads = torch_threads
+        self.device = device
+
+    def setup(self, worker) -> None:
+        setup_process(self.torch_threads, self.device, worker.name)
+
+    def teardown(self, worker) -> None:
+        _MODELS.clear()
+
+
+def worker_device(requested: str) -> str:
+    return os.environ.get("SHNET_WORKER_DEVICE", requested) if requested == "cuda" else requested
+
+
+def cached_model(stage_name: str, config: dict, device: str):
+    """The stage's model for this process, built on first use. Returns (model, built_now)."""
+    key = (stage_name, config_hash(config), device)
+    with _MODELS_LOCK:
+        if key in _MODELS:
+            return _MODELS[key], False
+        model = get_stage(stage_name).load(config, device)
+        _MODELS[key] = model
+        return model, True
+
+
+def run_shard(job: ShardJob, *dependencies) -> dict:
+    """Process one (stage, shard) and commit it; returns a small summary for the progress display.
+
+    ``dependencies`` are the results of the tasks this one must follow (unused: the order is the point).
+    """
+    start = time.perf_counter()
+    cache = Cache(job.cache_root)
+    stage = get_stage(job.stage)
+    if cache.is_done(job.stage, job.shard):
+        return {"stage": job.stage, "shard": job.shard, "images": len(job.images), "skipped": True}
+    job.device = worker_device(job.device)
+    if "probe" in stage.requires:
+        job.images = _with_probe_status(cache, job)
+    model, built = cached_model(job.stage, job.config, job.device)
+    attrs = {
+        "config": job.config,
+        "versions": library_versions(),
+        "device": job.device,
+        **stage.attrs(job.config, model),
+    }
+    with ShardWriter(cache, job.stage, job.shard, len(job.images), attrs) as writer:
+        table = stage.run(job, writer, model)
+        seconds = time.perf_counter() - start
+        writer.commit(table, {"seconds": seconds, "model_built": built})
+    return {
+        "stage": job.stage,
+        "shard": job.shard,
+        "images": len(table),
+        "errors": int((table["status"] == "error").sum()),
+        "seconds": seconds,
+        "model_built": built,
+        "pid": os.getpid(),
+        "skipped": False,
+    }
+
+
+def _with_probe_status(cache: Cache, job: ShardJob) -> pd.DataFrame:
+    if not cache.is_done("probe", job.shard):
+        raise ShnetError(f"internal: stage '{job.stage}' ran before the probe of shard {job.shard}")
+    probe = pd.read_parquet(cache.table_path("probe", job.shard), columns=["row", "status", "error"])
+    images = job.images.drop(columns=[c for c in ("status", "error") if c in job.images]).merge(probe, on="row", how="left")
+    return images
+
+
+def library_versions() -> dict:
+    import h5py
+    import numpy
+    import torch
+
+    from .. import __version__
+
+    versions = {"shnet": __version__, "torch": torch.__version__, "numpy": numpy.__version__, "h5py": h5py.__version__}
+    for name in ("torchvision", "timm", "cv2"):
+        module = __import__("sys").modules.get(name)
+        if module is not None:
+            versions[name] = getattr(module, "__version__", "")
+    return versions
