@@ -1,4 +1,4 @@
-"""Write the bundled sample images (shnet/data/samples) from scikit-image's public-domain/CC0 photos.
+"""Write the bundled sample images (shnet/data/samples) from scikit-image's public-domain photos.
 
 Run once by developers (needs scikit-image): python tools/make_sample_images.py
 The licences of the chosen photos are listed in shnet/data/samples/SOURCES.md.

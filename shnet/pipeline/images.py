@@ -185,7 +185,7 @@ def _open_image(path: Path) -> Iterator[Image.Image]:
 def _bomb_message(path: Path, width: int, height: int, max_pixels: int) -> str:
     return (
         f"cannot decode image {path}: {width}x{height} = {width * height} pixels exceeds the "
-        f"limit of {max_pixels} (decompression-bomb guard); raise max_pixels if the image is genuine"
+        f"limit of {max_pixels} (decompression-bomb guard); raise max_pixels if it is genuine"
     )
 
 

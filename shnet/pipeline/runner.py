@@ -25,6 +25,7 @@ from .stages.base import ShardJob
 from .store import (
     CACHE_RECORD,
     IMAGES_TABLE,
+    LOCK_FILE,
     Cache,
     CacheLock,
     atomic_write_parquet,
@@ -110,7 +111,7 @@ def open_or_create_cache(root: str, images: pd.DataFrame, image_dirs: list[str],
                 "extract the new set into a new cache directory"
             )
         return cache
-    if os.path.exists(root) and any(os.scandir(root)):
+    if os.path.exists(root) and any(entry.name != LOCK_FILE for entry in os.scandir(root)):
         raise CacheError(f"{root} exists, is not empty and is not a shnet cache; choose a new -o directory")
     return create_cache(root, images, shard_size or DEFAULT_SHARD_SIZE, image_dirs)
 

@@ -64,7 +64,7 @@ def cached_model(stage_name: str, config: dict, device: str):
             return _MODELS[key], False
         model = get_stage(stage_name).load(config, device)
         _MODELS[key] = model
-        return model, True
+        return model, model is not None
 
 
 def run_shard(job: ShardJob, *dependencies) -> dict:

@@ -53,7 +53,7 @@ class GridStage(ImageStage):
     def prepare(self, rgb, config, model):
         from ..models.grid import preprocess
 
-        return preprocess(rgb, config["input_size"], config["resize"], model.mean, model.std)
+        return preprocess(rgb, config["input_size"], config["resize"], model.mean, model.std, model.stride)
 
     def infer(self, model, prepared, config, device):
         images = torch.from_numpy(np.stack([p[0] for p in prepared]))

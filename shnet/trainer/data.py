@@ -1,0 +1,397 @@
+"""Cached features + captions -> torch datasets and loaders for training and evaluation.
+
+Features come from one or more caches joined on ``image_id`` (say regions from one cache and
+layout from another); for every stage the first cache that holds an image with status ``ok`` wins.
+HDF5 files are opened lazily, once per process (so DataLoader workers each open their own and an
+open handle is never pickled or inherited); ``in_memory`` instead reads the split's arrays into
+RAM once, fp16 features and uint8 maps, with the same values the HDF5 path yields.
+
+Training samples are captions paired with their image (the VSE/3SHNet convention). Randomness
+(shuffling, region dropout, caption masking) is drawn from generators seeded by (seed, epoch,
+index), so a batch does not depend on worker count or timing and a resumed run replays exactly.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import h5py
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..errors import ShnetError
+from ..pipeline.store import Cache
+from .captions import CaptionSet, match_images
+
+LEVEL_STAGES = {"region": ("regions", "layout"), "grid": ("grid", "layout")}
+REGION_DROPOUT = 0.2
+_RAM_HEADROOM = 0.8  # share of available memory that --in-memory may fill
+
+
+@dataclass
+class StageLocations:
+    """Where each image of one stage lives: a file per (cache, shard) and the row inside it."""
+
+    files: list[str]
+    file_of: dict[str, int]  # image_id -> index into files
+    row_of: dict[str, int]
+    problems: dict[str, str]  # image_id -> why it cannot be used (failed / not extracted)
+
+
+class FeatureIndex:
+    """The images that one or more caches hold for a model level, and where their arrays are."""
+
+    def __init__(self, cache_roots: Sequence[str | Path], level: str):
+        if level not in LEVEL_STAGES:
+            raise ShnetError(f"unknown model level '{level}'; choose region or grid")
+        if not cache_roots:
+            raise ShnetError("no feature cache given; pass --cache CACHE_DIR (repeatable)")
+        self.level = level
+        self.stages = LEVEL_STAGES[level]
+        self.caches = [Cache(root) for root in cache_roots]
+        self.image_ids: list[str] = list(dict.fromkeys(i for c in self.caches for i in c.images()["image_id"].astype(str)))
+        self.locations = {stage: self._locate(stage) for stage in self.stages}
+        self.shapes = self._array_shapes()
+
+    def _locate(self, stage: str) -> StageLocations:
+        files, frames = [], []
+        for cache in self.caches:
+            shards = cache.done_shards(stage)
+            if not shards:
+                continue
+            table = cache.stage_table(stage)[["image_id", "shard", "row", "status", "error"]]
+            file_index = {shard: len(files) + i for i, shard in enumerate(shards)}
+            files.extend(str(cache.array_path(stage, shard)) for shard in shards)
+            frames.append(table.assign(file=table["shard"].map(file_index)))
+        if not frames:
+            roots = ", ".join(str(c.root) for c in self.caches)
+            raise ShnetError(
+                f"the {self.level} model needs stage '{stage}', which no given cache has ({roots}); "
+                f"run `shnet extract ... --stages {stage}` or add the cache that holds it with --cache"
+            )
+        table = pd.concat(frames, ignore_index=True)
+        table["image_id"] = table["image_id"].astype(str)
+        table = table.iloc[np.argsort((table["status"] != "ok").to_numpy(), kind="stable")]
+        table = table.drop_duplicates("image_id", keep="first")
+        ok = table[table["status"] == "ok"]
+        problems = {
+            i: f"{stage}: {e or 'failed'}" for i, e in zip(table.loc[table["status"] != "ok", "image_id"], table.loc[table["status"] != "ok", "error"])
+        }
+        present = set(table["image_id"])
+        problems.update({i: f"{stage}: not extracted" for i in self.image_ids if i not in present})
+        return StageLocations(
+            files=files,
+            file_of=dict(zip(ok["image_id"], ok["file"].astype(int))),
+            row_of=dict(zip(ok["image_id"], ok["row"].astype(int))),
+            problems=problems,
+        )
+
+    def _array_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Per-image shapes of every array, checked to agree across the files of a stage."""
+        shapes: dict[str, tuple[int, ...]] = {}
+        for stage in self.stages:
+            for path in self.locations[stage].files:
+                with h5py.File(path, "r") as h5:
+                    for name, dataset in h5.items():
+                        shape = tuple(dataset.shape[1:])
+                        key = f"{stage}/{name}"
+                        # The padded box count may differ between caches; the feature size may not.
+                        comparable = shape[1:] if name in ("features", "boxes") else shape
+                        if key in shapes and (shapes[key][1:] if name in ("features", "boxes") else shapes[key]) != comparable:
+                            raise ShnetError(f"{path}: '{name}' has per-image shape {shape}, other shards of stage '{stage}' have {shapes[key]}")
+                        shapes.setdefault(key, shape)
+        return shapes
+
+    @property
+    def feature_dim(self) -> int:
+        """Channels of a region feature (region level) or a grid cell (grid level)."""
+        return int(self.shapes["regions/features"][-1] if self.level == "region" else self.shapes["grid/grid"][-1])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.shapes["layout/cat_onehot"][0])
+
+    def problem(self, image_id: str) -> str | None:
+        for stage in self.stages:
+            reason = self.locations[stage].problems.get(image_id)
+            if reason is not None:
+                return reason
+        return None
+
+    def reader(self, image_ids: Sequence[str]) -> "FeatureReader":
+        """A reader of these images' model inputs (they must all be usable)."""
+        return FeatureReader(
+            level=self.level,
+            files={stage: self.locations[stage].files for stage in self.stages},
+            file_index={stage: np.array([self.locations[stage].file_of[i] for i in image_ids], dtype=np.int64) for stage in self.stages},
+            rows={stage: np.array([self.locations[stage].row_of[i] for i in image_ids], dtype=np.int64) for stage in self.stages},
+        )
+
+
+def match_split(captions: CaptionSet, index: FeatureIndex, on_missing: str, warn: Callable[[str], None]) -> CaptionSet:
+    """The split's images renamed to cache ids; images without usable features are dropped with a
+    warning (``on_missing="drop"``) or refused (``"error"``)."""
+    match = match_images(captions.images, index.image_ids)
+    for name, image_id in match.cache_ids.items():
+        reason = index.problem(image_id)
+        if reason is not None:
+            match.unusable[image_id] = reason
+    keep = [i for i, name in enumerate(captions.images) if name in match.cache_ids and match.cache_ids[name] not in match.unusable]
+    if match.num_missing:
+        report = match.report(captions.split, captions.num_images)
+        if on_missing == "error" or not keep:
+            raise ShnetError(report)
+        warn(report)
+    return captions.subset(keep, rename=[match.cache_ids[captions.images[i]] for i in keep])
+
+
+class FeatureReader:
+    """One image's model inputs as numpy arrays, from HDF5 (opened lazily per process) or RAM."""
+
+    def __init__(self, level: str, files: dict[str, list[str]], file_index: dict[str, np.ndarray], rows: dict[str, np.ndarray]):
+        self.level = level
+        self.files, self.file_index, self.rows = files, file_index, rows
+        self.memory: dict[str, np.ndarray] | None = None
+        self._handles: dict[str, h5py.File] = {}
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return len(next(iter(self.rows.values())))
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_handles"] = {}
+        return state
+
+    def _file(self, path: str) -> h5py.File:
+        if self._pid != os.getpid():  # a forked worker: never use the parent's handles
+            self._handles, self._pid = {}, os.getpid()
+        handle = self._handles.get(path)
+        if handle is None:
+            handle = self._handles[path] = h5py.File(path, "r")
+        return handle
+
+    def _dataset(self, stage: str, name: str, i: int) -> tuple[h5py.Dataset, int]:
+        h5 = self._file(self.files[stage][self.file_index[stage][i]])
+        return h5[name], int(self.rows[stage][i])
+
+    def read(self, i: int) -> dict[str, np.ndarray]:
+        """``tokens`` [n, C] fp16 (valid regions or grid cells), ``seg_feat`` fp16, ``seg_map`` and
+        ``cat_onehot`` uint8."""
+        if self.memory is not None:
+            start, stop = self.memory["token_offsets"][i : i + 2]
+            return {
+                "tokens": self.memory["tokens"][start:stop],
+                "seg_feat": self.memory["seg_feat"][i],
+                "seg_map": self.memory["seg_map"][i],
+                "cat_onehot": self.memory["cat_onehot"][i],
+            }
+        return {"tokens": self._read_tokens(i), **{name: self._dataset("layout", name, i)[0][self._dataset("layout", name, i)[1]] for name in ("seg_feat", "seg_map", "cat_onehot")}}
+
+    def _read_tokens(self, i: int) -> np.ndarray:
+        if self.level == "region":
+            features, row = self._dataset("regions", "features", i)
+            count, _ = self._dataset("regions", "num_boxes", i)
+            return features[row, : int(count[row])]
+        grid, row = self._dataset("grid", "grid", i)
+        valid, _ = self._dataset("grid", "valid_hw", i)
+        h, w = (int(v) for v in valid[row])
+        return grid[row, :h, :w].reshape(h * w, grid.shape[-1])
+
+    def memory_bytes(self) -> int:
+        """What :meth:`load_in_memory` would hold, from the files' per-image shapes (an upper bound)."""
+        total = 0
+        stage = "regions" if self.level == "region" else "grid"
+        name = "features" if self.level == "region" else "grid"
+        for key in ((stage, name), ("layout", "seg_feat"), ("layout", "seg_map"), ("layout", "cat_onehot")):
+            path = self.files[key[0]][0]
+            with h5py.File(path, "r") as h5:
+                dataset = h5[key[1]]
+                total += int(np.prod(dataset.shape[1:])) * dataset.dtype.itemsize * len(self)
+        return total
+
+    def load_in_memory(self) -> None:
+        """Read every image of the reader into RAM (refused when it would not fit)."""
+        import psutil
+
+        needed, available = self.memory_bytes(), psutil.virtual_memory().available
+        if needed > _RAM_HEADROOM * available:
+            raise ShnetError(
+                f"--in-memory needs about {needed / 2**30:.1f} GiB for this split, {available / 2**30:.1f} GiB of RAM is free; "
+                "drop --in-memory to read features from the HDF5 cache"
+            )
+        n = len(self)
+        tokens = [self._read_tokens(i) for i in range(n)]
+        offsets = np.zeros(n + 1, dtype=np.int64)
+        offsets[1:] = np.cumsum([len(t) for t in tokens])
+        layout = {name: np.stack([self._dataset("layout", name, i)[0][self._dataset("layout", name, i)[1]] for i in range(n)]) for name in ("seg_feat", "seg_map", "cat_onehot")}
+        self.memory = {
+            "tokens": np.concatenate(tokens).astype(np.float16) if n else np.zeros((0, 0), np.float16),
+            "token_offsets": offsets,
+            **layout,
+        }
+        self.close()
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.close()
+        self._handles = {}
+
+
+def drop_regions(tokens: np.ndarray, rng: np.random.Generator, rate: float = REGION_DROPOUT) -> np.ndarray:
+    """Drop each region (grid cell) with probability ``rate``, keeping at least one."""
+    if len(tokens) == 0:
+        return tokens
+    keep = rng.random(len(tokens)) >= rate
+    if not keep.any():
+        keep[rng.integers(len(tokens))] = True
+    return tokens[keep]
+
+
+class TrainPairs(Dataset):
+    """(image, caption) pairs, one per caption; items are keyed by (epoch, caption index)."""
+
+    def __init__(self, reader: FeatureReader, captions: CaptionSet, tokenizer, seed: int, region_dropout: float = REGION_DROPOUT):
+        self.reader, self.captions, self.tokenizer = reader, captions, tokenizer
+        self.seed, self.region_dropout = seed, region_dropout
+
+    def __len__(self) -> int:
+        return len(self.captions.captions)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[dict, list[int], int]:
+        epoch, index = key
+        rng = np.random.default_rng((self.seed, epoch, index))
+        image = self.reader.read(int(self.captions.caption_image[index]))
+        image["tokens"] = drop_regions(image["tokens"], rng, self.region_dropout)
+        tokens = self.tokenizer.augment(self.tokenizer.encode(self.captions.captions[index]), rng)
+        return image, tokens, index
+
+
+class ImageItems(Dataset):
+    """Each image once (evaluation encodes an image once, not once per caption)."""
+
+    def __init__(self, reader: FeatureReader):
+        self.reader = reader
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, index: int) -> tuple[dict, int]:
+        return self.reader.read(index), index
+
+
+class CaptionItems(Dataset):
+    """Each caption once, tokenised without augmentation."""
+
+    def __init__(self, captions: CaptionSet, tokenizer):
+        self.captions, self.tokenizer = captions, tokenizer
+
+    def __len__(self) -> int:
+        return len(self.captions.captions)
+
+    def __getitem__(self, index: int) -> tuple[list[int], int]:
+        return self.tokenizer.encode(self.captions.captions[index]), index
+
+
+class EpochBatchSampler(Sampler):
+    """Shuffled batches of (epoch, index) keys; the order is a function of (seed, epoch) only.
+
+    The last incomplete batch is dropped (BatchNorm needs more than one sample, and every step
+    then sees a full batch of negatives), as in the reference training code.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int):
+        if size < batch_size:
+            raise ShnetError(f"the training split has {size} captions, fewer than one batch of {batch_size}; lower --batch-size")
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size // self.batch_size
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        order = np.random.default_rng((self.seed, self.epoch)).permutation(self.size)
+        for b in range(len(self)):
+            yield [(self.epoch, int(i)) for i in order[b * self.batch_size : (b + 1) * self.batch_size]]
+
+
+def collate_images(images: Sequence[dict]) -> dict[str, torch.Tensor]:
+    """The model's image batch: ``regions`` [B,R,C] zero-padded float, ``lengths`` [B] and the layout."""
+    lengths = torch.tensor([len(image["tokens"]) for image in images], dtype=torch.long)
+    width = images[0]["tokens"].shape[-1]
+    regions = np.zeros((len(images), max(int(lengths.max()), 1), width), dtype=np.float32)
+    for i, image in enumerate(images):
+        regions[i, : len(image["tokens"])] = image["tokens"]
+    return {
+        "regions": torch.from_numpy(regions),
+        "lengths": lengths,
+        "seg_map": torch.from_numpy(np.stack([image["seg_map"] for image in images]).astype(np.float32)),
+        "cat_onehot": torch.from_numpy(np.stack([image["cat_onehot"] for image in images]).astype(np.float32)),
+        "seg_feat": torch.from_numpy(np.stack([image["seg_feat"] for image in images]).astype(np.float32)),
+    }
+
+
+def collate_tokens(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = torch.tensor([len(s) for s in sequences], dtype=torch.long)
+    tokens = torch.full((len(sequences), max(int(lengths.max()), 1)), pad_id, dtype=torch.long)
+    for i, sequence in enumerate(sequences):
+        tokens[i, : len(sequence)] = torch.as_tensor(list(sequence), dtype=torch.long)
+    return tokens, lengths
+
+
+class PairCollate:
+    """Collates :class:`TrainPairs` items (a class, not a closure, so that workers can pickle it)."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, items) -> dict:
+        images, tokens, indices = zip(*items)
+        token_ids, token_lengths = collate_tokens(tokens, self.pad_id)
+        return {"images": collate_images(images), "tokens": token_ids, "token_lengths": token_lengths, "index": torch.tensor(indices)}
+
+
+def collate_image_items(items) -> dict:
+    images, indices = zip(*items)
+    return {"images": collate_images(images), "index": torch.tensor(indices)}
+
+
+class CaptionCollate:
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, items) -> dict:
+        tokens, indices = zip(*items)
+        token_ids, token_lengths = collate_tokens(tokens, self.pad_id)
+        return {"tokens": token_ids, "token_lengths": token_lengths, "index": torch.tensor(indices)}
+
+
+def train_loader(dataset: TrainPairs, batch_size: int, workers: int, seed: int, pin_memory: bool = False) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_sampler=EpochBatchSampler(len(dataset), batch_size, seed),
+        num_workers=workers,
+        collate_fn=PairCollate(dataset.tokenizer.pad_id),
+        pin_memory=pin_memory,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+
+
+def image_loader(reader: FeatureReader, batch_size: int, workers: int, pin_memory: bool = False) -> DataLoader:
+    return DataLoader(
+        ImageItems(reader), batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_image_items, pin_memory=pin_memory
+    )
+
+
+def caption_loader(captions: CaptionSet, tokenizer, batch_size: int) -> DataLoader:
+    """Captions are tokenised in the main process: cheap next to encoding them."""
+    return DataLoader(CaptionItems(captions, tokenizer), batch_size=batch_size, shuffle=False, collate_fn=CaptionCollate(tokenizer.pad_id))
