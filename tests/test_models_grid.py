@@ -1,5 +1,7 @@
 """Grid-feature backbones: shapes, local checkpoint loading (and its refusals), preprocessing."""
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
@@ -8,9 +10,10 @@ from safetensors.torch import save_file
 from shnet.errors import CheckpointMismatchError, ShnetError
 from shnet.pipeline.models.grid import IMAGENET_MEAN, IMAGENET_STD, build_grid_backbone, preprocess
 
-# torchvision and timm import only after shnet.pipeline.models ran (see shnet.torchvision_compat)
-import timm  # noqa: E402
-import torchvision  # noqa: E402
+# importable only once shnet.pipeline.models ran (see shnet.torchvision_compat): kept out of the
+# import block so that sorting it cannot move them first
+timm = importlib.import_module("timm")
+torchvision = importlib.import_module("torchvision")
 
 
 def _randomise_batchnorm_stats(model: torch.nn.Module) -> None:
@@ -70,8 +73,8 @@ def test_random_weights_are_seeded_and_leave_the_global_rng_alone():
 
 @pytest.mark.parametrize(
     "arch, suffix, wrap",
-    [("resnet18", ".pth", True), ("resnet50", ".safetensors", False)],
-    ids=["resnet18-pth-DataParallel-wrapped", "resnet50-safetensors"],
+    [("resnet18", ".pth", True), ("resnet34", ".safetensors", False)],
+    ids=["resnet18-pth-DataParallel-wrapped", "resnet34-safetensors"],
 )
 def test_torchvision_checkpoint_reproduces_the_model_features(tmp_path, arch, suffix, wrap):
     reference = _torchvision_resnet(arch)

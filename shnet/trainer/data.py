@@ -30,7 +30,8 @@ from .captions import CaptionSet, match_images
 
 LEVEL_STAGES = {"region": ("regions", "layout"), "grid": ("grid", "layout")}
 REGION_DROPOUT = 0.2
-_RAM_HEADROOM = 0.8  # share of available memory that --in-memory may fill
+_RAM_HEADROOM = 0.8
+_VARIABLE_LEADING_DIMS = {"features": 1, "boxes": 1, "grid": 2}  # share of available memory that --in-memory may fill
 
 
 @dataclass
@@ -92,19 +93,18 @@ class FeatureIndex:
         )
 
     def _array_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Per-image shapes of every array, checked to agree across the files of a stage."""
+        """Per-image shapes of every array, checked to agree across the files of a stage (apart
+        from the box count and grid size, which caches may pad differently)."""
         shapes: dict[str, tuple[int, ...]] = {}
         for stage in self.stages:
             for path in self.locations[stage].files:
                 with h5py.File(path, "r") as h5:
                     for name, dataset in h5.items():
-                        shape = tuple(dataset.shape[1:])
-                        key = f"{stage}/{name}"
-                        # The padded box count may differ between caches; the feature size may not.
-                        comparable = shape[1:] if name in ("features", "boxes") else shape
-                        if key in shapes and (shapes[key][1:] if name in ("features", "boxes") else shapes[key]) != comparable:
-                            raise ShnetError(f"{path}: '{name}' has per-image shape {shape}, other shards of stage '{stage}' have {shapes[key]}")
-                        shapes.setdefault(key, shape)
+                        shape, key = tuple(dataset.shape[1:]), f"{stage}/{name}"
+                        seen = shapes.setdefault(key, shape)
+                        skip = _VARIABLE_LEADING_DIMS.get(name, 0)
+                        if seen[skip:] != shape[skip:]:
+                            raise ShnetError(f"{path}: '{name}' has per-image shape {shape}, other shards of stage '{stage}' have {seen}")
         return shapes
 
     @property
@@ -153,70 +153,67 @@ def match_split(captions: CaptionSet, index: FeatureIndex, on_missing: str, warn
 class FeatureReader:
     """One image's model inputs as numpy arrays, from HDF5 (opened lazily per process) or RAM."""
 
+    LAYOUT = ("seg_feat", "seg_map", "cat_onehot")
+
     def __init__(self, level: str, files: dict[str, list[str]], file_index: dict[str, np.ndarray], rows: dict[str, np.ndarray]):
         self.level = level
+        self.token_stage = "regions" if level == "region" else "grid"
         self.files, self.file_index, self.rows = files, file_index, rows
         self.memory: dict[str, np.ndarray] | None = None
         self._handles: dict[str, h5py.File] = {}
         self._pid = os.getpid()
 
     def __len__(self) -> int:
-        return len(next(iter(self.rows.values())))
+        return len(self.rows["layout"])
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_handles"] = {}
         return state
 
-    def _file(self, path: str) -> h5py.File:
+    def _file(self, stage: str, i: int) -> h5py.File:
         if self._pid != os.getpid():  # a forked worker: never use the parent's handles
             self._handles, self._pid = {}, os.getpid()
+        path = self.files[stage][self.file_index[stage][i]]
         handle = self._handles.get(path)
         if handle is None:
             handle = self._handles[path] = h5py.File(path, "r")
         return handle
 
-    def _dataset(self, stage: str, name: str, i: int) -> tuple[h5py.Dataset, int]:
-        h5 = self._file(self.files[stage][self.file_index[stage][i]])
-        return h5[name], int(self.rows[stage][i])
-
     def read(self, i: int) -> dict[str, np.ndarray]:
-        """``tokens`` [n, C] fp16 (valid regions or grid cells), ``seg_feat`` fp16, ``seg_map`` and
-        ``cat_onehot`` uint8."""
+        """``tokens`` [n, C] fp16 (the valid regions, or the valid grid cells row-major),
+        ``seg_feat`` fp16, ``seg_map`` and ``cat_onehot`` uint8."""
         if self.memory is not None:
             start, stop = self.memory["token_offsets"][i : i + 2]
-            return {
-                "tokens": self.memory["tokens"][start:stop],
-                "seg_feat": self.memory["seg_feat"][i],
-                "seg_map": self.memory["seg_map"][i],
-                "cat_onehot": self.memory["cat_onehot"][i],
-            }
-        return {"tokens": self._read_tokens(i), **{name: self._dataset("layout", name, i)[0][self._dataset("layout", name, i)[1]] for name in ("seg_feat", "seg_map", "cat_onehot")}}
+            return {"tokens": self.memory["tokens"][start:stop], **{name: self.memory[name][i] for name in self.LAYOUT}}
+        layout, row = self._file("layout", i), int(self.rows["layout"][i])
+        return {"tokens": self._read_tokens(i), **{name: layout[name][row] for name in self.LAYOUT}}
 
     def _read_tokens(self, i: int) -> np.ndarray:
+        h5, row = self._file(self.token_stage, i), int(self.rows[self.token_stage][i])
         if self.level == "region":
-            features, row = self._dataset("regions", "features", i)
-            count, _ = self._dataset("regions", "num_boxes", i)
-            return features[row, : int(count[row])]
-        grid, row = self._dataset("grid", "grid", i)
-        valid, _ = self._dataset("grid", "valid_hw", i)
-        h, w = (int(v) for v in valid[row])
-        return grid[row, :h, :w].reshape(h * w, grid.shape[-1])
+            return h5["features"][row, : int(h5["num_boxes"][row])]
+        h, w = (int(v) for v in h5["valid_hw"][row])
+        cells = h5["grid"][row, :h, :w]
+        return cells.reshape(h * w, cells.shape[-1])
+
+    def _selections(self, stage: str) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+        """Per file of ``stage``: its path, the reader positions it serves and their rows."""
+        for f in np.unique(self.file_index[stage]):
+            positions = np.flatnonzero(self.file_index[stage] == f)
+            yield self.files[stage][f], positions, self.rows[stage][positions]
 
     def memory_bytes(self) -> int:
-        """What :meth:`load_in_memory` would hold, from the files' per-image shapes (an upper bound)."""
+        """What :meth:`load_in_memory` holds at most (padded token counts), from the files' shapes."""
         total = 0
-        stage = "regions" if self.level == "region" else "grid"
-        name = "features" if self.level == "region" else "grid"
-        for key in ((stage, name), ("layout", "seg_feat"), ("layout", "seg_map"), ("layout", "cat_onehot")):
-            path = self.files[key[0]][0]
-            with h5py.File(path, "r") as h5:
-                dataset = h5[key[1]]
-                total += int(np.prod(dataset.shape[1:])) * dataset.dtype.itemsize * len(self)
+        for stage, names in ((self.token_stage, ("features" if self.level == "region" else "grid",)), ("layout", self.LAYOUT)):
+            for path, positions, _ in self._selections(stage):
+                with h5py.File(path, "r") as h5:
+                    total += sum(int(np.prod(h5[n].shape[1:])) * h5[n].dtype.itemsize for n in names) * len(positions)
         return total
 
     def load_in_memory(self) -> None:
-        """Read every image of the reader into RAM (refused when it would not fit)."""
+        """Read every image of the reader into RAM, one shard file at a time (refused when it would not fit)."""
         import psutil
 
         needed, available = self.memory_bytes(), psutil.virtual_memory().available
@@ -226,16 +223,31 @@ class FeatureReader:
                 "drop --in-memory to read features from the HDF5 cache"
             )
         n = len(self)
-        tokens = [self._read_tokens(i) for i in range(n)]
-        offsets = np.zeros(n + 1, dtype=np.int64)
-        offsets[1:] = np.cumsum([len(t) for t in tokens])
-        layout = {name: np.stack([self._dataset("layout", name, i)[0][self._dataset("layout", name, i)[1]] for i in range(n)]) for name in ("seg_feat", "seg_map", "cat_onehot")}
-        self.memory = {
-            "tokens": np.concatenate(tokens).astype(np.float16) if n else np.zeros((0, 0), np.float16),
-            "token_offsets": offsets,
-            **layout,
-        }
+        tokens: list[np.ndarray | None] = [None] * n
+        for path, positions, rows in self._selections(self.token_stage):
+            with h5py.File(path, "r") as h5:
+                lo, hi = int(rows.min()), int(rows.max()) + 1
+                if self.level == "region":
+                    block, counts = h5["features"][lo:hi], h5["num_boxes"][lo:hi]
+                    for position, row in zip(positions, rows - lo):
+                        tokens[position] = block[row, : int(counts[row])]
+                else:
+                    block, valid = h5["grid"][lo:hi], h5["valid_hw"][lo:hi]
+                    for position, row in zip(positions, rows - lo):
+                        h, w = (int(v) for v in valid[row])
+                        tokens[position] = block[row, :h, :w].reshape(h * w, block.shape[-1])
+        memory = {"token_offsets": np.concatenate([[0], np.cumsum([len(t) for t in tokens])]).astype(np.int64)}
+        memory["tokens"] = np.concatenate(tokens).astype(np.float16)
+        for path, positions, rows in self._selections("layout"):
+            with h5py.File(path, "r") as h5:
+                lo, hi = int(rows.min()), int(rows.max()) + 1
+                for name in self.LAYOUT:
+                    block = h5[name][lo:hi]
+                    if name not in memory:
+                        memory[name] = np.empty((n,) + block.shape[1:], block.dtype)
+                    memory[name][positions] = block[rows - lo]
         self.close()
+        self.memory = memory
 
     def close(self) -> None:
         for handle in self._handles.values():

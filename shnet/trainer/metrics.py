@@ -6,8 +6,8 @@ The matrix is [n_images, captions_per_image * n_images] with each image's captio
 Ranks are 0-based. Image-to-text ranks an image by its best-placed caption: the number of other
 images' captions scoring at least as high as its best own caption. Text-to-image ranks a caption by
 the number of other images scoring at least as high as its own image. A tie therefore counts
-against the match: a constant similarity matrix scores chance-level zero recall, never a perfect one
-(the reference's argsort breaks ties by sort order, which differs only on exact ties).
+against the match: a constant similarity matrix ranks every match last, never first (the
+reference's argsort breaks ties by sort order; without exact ties both give the same ranks).
 
 R@K is the percentage of ranks below K; medr = floor(median rank) + 1 and meanr = mean rank + 1, as
 the VSE/SCAN evaluation code reports them; rsum is the sum of the six recalls.

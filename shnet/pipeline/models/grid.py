@@ -4,7 +4,8 @@
 weights use ``resnext101_32x8d``) or ``timm:<name>`` for any timm model whose ``forward_features``
 returns a feature map. ``weights`` is a local state dict in that library's own parameter names
 (``.pth``/``.safetensors``/HF folder); classifier-head entries (``fc.*``, ``head.*``,
-``classifier.*``) are ignored and every other entry must match the architecture exactly.
+``classifier.*``, and whatever timm declares as the model's classifier) are ignored and every other
+entry must match the architecture exactly.
 ``weights="random"`` builds a fixed-seed random initialisation: meaningless features, for tests and
 smoke runs only.
 """
@@ -21,8 +22,8 @@ import torch
 import torchvision
 from torch import nn
 
-from ...errors import CheckpointMismatchError, ShnetError
 from ...checkpoints import mismatch_report
+from ...errors import CheckpointMismatchError, ShnetError
 from .state_dicts import read_state_dict
 
 TORCHVISION_ARCHITECTURES = (
@@ -91,6 +92,7 @@ def build_grid_backbone(model: str, weights: str | Path | None) -> GridBackbone:
             f"grid model {model} needs weights: pass --set grid.weights=/path/to/file.pth "
             f"(a local {model} state dict), or --set grid.weights=random for a random-init smoke run"
         )
+    state = None if weights == RANDOM_WEIGHTS else read_state_dict(weights)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_SEED)
         if model.startswith(TIMM_PREFIX):
@@ -102,8 +104,8 @@ def build_grid_backbone(model: str, weights: str | Path | None) -> GridBackbone:
                 f"unknown grid model {model!r}: use one of {', '.join(TORCHVISION_ARCHITECTURES)}, "
                 f"or timm:<name> for a timm CNN (e.g. timm:resnet152)"
             )
-    if weights != RANDOM_WEIGHTS:
-        _load_ignoring_head(backbone.net, read_state_dict(weights), str(weights), model)
+    if state is not None:
+        _load_ignoring_head(backbone.net, state, str(weights), model)
     return backbone.eval()
 
 
@@ -113,7 +115,7 @@ def _torchvision_backbone(model: str) -> GridBackbone:
 
 
 def _timm_backbone(model: str) -> GridBackbone:
-    name = model[len(TIMM_PREFIX):]
+    name = model[len(TIMM_PREFIX) :]
     if not timm.is_model(name):
         close = timm.list_models(f"*{name}*")[:10]
         hint = f" (similar: {', '.join(close)})" if close else ""
@@ -138,16 +140,23 @@ def _load_ignoring_head(net: nn.Module, state: dict[str, torch.Tensor], source: 
     Checkpoints saved before BatchNorm counted its batches lack ``num_batches_tracked``; that
     counter is unused at inference, so its absence is not a mismatch.
     """
-    loaded = {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIXES)}
+    head = _head_prefixes(net)
+    loaded = {k: v for k, v in state.items() if not k.startswith(head)}
     expected = {
         k: v
         for k, v in net.state_dict().items()
-        if not k.startswith(HEAD_PREFIXES) and not (k.endswith("num_batches_tracked") and k not in loaded)
+        if not k.startswith(head) and not (k.endswith("num_batches_tracked") and k not in loaded)
     }
     report = mismatch_report(expected, loaded)
     if report:
         raise CheckpointMismatchError(f"{source} does not match grid model {model}:\n" + "\n".join(report))
     net.load_state_dict(loaded, strict=False)
+
+
+def _head_prefixes(net: nn.Module) -> tuple[str, ...]:
+    declared = getattr(net, "pretrained_cfg", {}).get("classifier") or ()
+    declared = (declared,) if isinstance(declared, str) else tuple(declared)
+    return HEAD_PREFIXES + tuple(f"{name}." for name in declared)
 
 
 def preprocess(

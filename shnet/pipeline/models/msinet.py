@@ -36,8 +36,9 @@ only, with torchvision's input statistics).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping, NamedTuple
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -184,7 +185,7 @@ class MSINet(nn.Module):
         return maps / (maps.amax((1, 2, 3), keepdim=True) + OUTPUT_EPS)
 
     @classmethod
-    def from_vgg16(cls, path: str | Path) -> "MSINet":
+    def from_vgg16(cls, path: str | Path) -> MSINet:
         """An MSI-Net whose encoder is initialised from a torchvision ``vgg16`` state dict
         (``features.N.*``; the classifier is ignored) and which expects torchvision's input
         statistics; context module and decoder are freshly initialised. For training."""

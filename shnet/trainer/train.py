@@ -1,0 +1,366 @@
+"""The training loop: the 3SHNet paper recipe on cached features, resumable epoch by epoch.
+
+A run directory holds ``options.json``, ``last.pth`` (every epoch), ``best.pth`` (best validation
+rSum), ``metrics.jsonl`` (one line per epoch), ``curves.png`` and, when TensorBoard is installed,
+``tensorboard/``. A resumed run restores model, optimizer, scheduler, epoch and the torch/numpy/
+Python random states; data order and augmentation are functions of (seed, epoch, sample), so on
+CPU a resumed run reproduces the uninterrupted run's metrics exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import ShnetError
+from .captions import CaptionSet, read_captions, select_split
+from .checkpoint import load_model, save_checkpoint
+from .data import FeatureIndex, TrainPairs, match_split, train_loader
+from .device import autocast, resolve_device
+from .evaluate import encode_split, similarity_matrix
+from .loss import HingeTripletLoss
+from .metrics import CAPTIONS_PER_IMAGE, RECALL_AT, retrieval_metrics
+from .model import ModelConfig, SHNet, build_model
+from .text_encoders import BertTextEncoder, BertTokenizerAdapter, VocabularyTokenizer
+
+LAST, BEST, METRICS, OPTIONS, CURVES = "last.pth", "best.pth", "metrics.jsonl", "options.json", "curves.png"
+
+# Options that describe where and how fast a run executes, not what it computes (``caches``: where
+# the features lie): a resumed run may change these; every other option is the run's recipe.
+RUNTIME_OPTIONS = ("output", "caches", "epochs", "workers", "in_memory", "device", "progress")
+
+
+@dataclass
+class TrainOptions:
+    """Every setting of a run; the defaults are the paper's recipe (see reference/3shnet-region-model.md)."""
+
+    caches: list[str]
+    captions: str
+    output: str
+    level: str = "region"
+    text_encoder: str = "bigru"
+    bert_path: str | None = None
+    embed_size: int = 1024
+    word_dim: int = 300
+    seg_map_mode: str = "raw"
+    epochs: int = 25
+    batch_size: int = 256
+    lr: float = 5e-4
+    bert_lr_factor: float = 0.1
+    weight_decay: float = 1e-4
+    lr_update: int = 15
+    lr_decay: float = 0.1
+    grad_clip: float = 2.0
+    margin: float = 0.2
+    max_violation_after: int = 1
+    region_dropout: float = 0.2
+    train_split: str = "train"
+    val_split: str = "val"
+    val_images: int = 1000
+    seed: int = 0
+    workers: int = 2
+    in_memory: bool = False
+    device: str = "auto"
+    progress: bool = True
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainOptions":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ShnetError(f"unknown training options {unknown}; was this run written by a newer shnet?")
+        return cls(**d)
+
+    def check(self) -> None:
+        positive = ("epochs", "batch_size", "embed_size", "word_dim")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ShnetError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
+        if self.batch_size < 2:
+            raise ShnetError("--batch-size must be at least 2 (the loss needs negatives in the batch)")
+        if not 0 <= self.region_dropout < 1:
+            raise ShnetError(f"--region-dropout must lie in [0, 1) (got {self.region_dropout})")
+        if self.text_encoder == "bert" and not self.bert_path:
+            raise ShnetError("--text-encoder bert needs --bert-path: a local bert-base-uncased folder")
+
+
+def parameter_groups(model: SHNet, lr: float, bert_lr_factor: float) -> list[dict]:
+    """The image encoder and the text head at ``lr``; BERT's own weights at ``lr * bert_lr_factor``."""
+    bert = model.txt_enc.bert if isinstance(model.txt_enc, BertTextEncoder) else None
+    bert_ids = {id(p) for p in bert.parameters()} if bert is not None else set()
+    groups = [{"params": [p for p in model.parameters() if id(p) not in bert_ids], "lr": lr}]
+    if bert is not None:
+        groups.append({"params": list(bert.parameters()), "lr": lr * bert_lr_factor})
+    return groups
+
+
+def rng_states() -> dict:
+    numpy_state = np.random.get_state(legacy=False)
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {**numpy_state, "state": {"key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)), "pos": numpy_state["state"]["pos"]}},
+        "python": random.getstate(),
+    }
+
+
+def restore_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    numpy_state = dict(states["numpy"])
+    numpy_state["state"] = {"key": states["numpy"]["state"]["key"].numpy().astype(np.uint32), "pos": states["numpy"]["state"]["pos"]}
+    np.random.set_state(numpy_state)
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class RunLog:
+    """metrics.jsonl, TensorBoard (when installed) and curves.png of one run directory."""
+
+    def __init__(self, run_dir: Path, keep_epochs: int):
+        self.path = run_dir / METRICS
+        self.curves = run_dir / CURVES
+        self.records = [r for r in self.read(self.path) if r["epoch"] < keep_epochs]
+        # A run stopped between writing a line and its checkpoint leaves lines to replay: drop them.
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        self.tensorboard = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            return
+        self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"), purge_step=keep_epochs)
+
+    @staticmethod
+    def read(path: Path) -> list[dict]:
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def append(self, record: dict) -> None:
+        self.records.append(record)
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            epoch = record["epoch"]
+            self.tensorboard.add_scalar("train/loss", record["train_loss"], epoch)
+            self.tensorboard.add_scalar("train/lr", record["lr"], epoch)
+            for direction in ("i2t", "t2i"):
+                for key, value in record["val"][direction].items():
+                    self.tensorboard.add_scalar(f"val/{direction}_{key}", value, epoch)
+            self.tensorboard.add_scalar("val/rsum", record["val"]["rsum"], epoch)
+            self.tensorboard.flush()
+        plot_curves(self.records, self.curves)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def plot_curves(records: list[dict], path: Path) -> None:
+    """Training loss and validation recalls per epoch (Agg canvas: no display, no global backend)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    epochs = [r["epoch"] for r in records]
+    figure = Figure(figsize=(11, 4))
+    FigureCanvasAgg(figure)
+    loss_axes, recall_axes = figure.subplots(1, 2)
+    loss_axes.plot(epochs, [r["train_loss"] for r in records], marker="o")
+    loss_axes.set(title="training loss", xlabel="epoch", ylabel="hinge triplet loss per batch")
+    for direction, style in (("i2t", "-"), ("t2i", "--")):
+        for k in RECALL_AT:
+            recall_axes.plot(epochs, [r["val"][direction][f"r{k}"] for r in records], style, marker=".", label=f"{direction} R@{k}")
+    recall_axes.set(title="validation recall", xlabel="epoch", ylabel="%", ylim=(0, 100))
+    recall_axes.legend(fontsize="small", ncol=2)
+    figure.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    figure.savefig(tmp, dpi=100)
+    tmp.replace(path)
+
+
+def validate(model: SHNet, index: FeatureIndex, captions: CaptionSet, tokenizer, options: TrainOptions, device: torch.device) -> dict:
+    images, texts = encode_split(model, index.reader(captions.images), captions, tokenizer, options.batch_size, options.workers, device)
+    return retrieval_metrics(similarity_matrix(images, texts))
+
+
+def train_one_epoch(model, loader, optimizer, loss_fn, hardest: bool, options: TrainOptions, device: torch.device, epoch: int) -> float:
+    from tqdm import tqdm
+
+    model.train()
+    loader.batch_sampler.set_epoch(epoch)
+    total, steps = 0.0, 0
+    bar = tqdm(loader, desc=f"epoch {epoch}", disable=not options.progress, leave=False, dynamic_ncols=True, file=sys.stderr)
+    for batch in bar:
+        images = {k: v.to(device, non_blocking=True) for k, v in batch["images"].items()}
+        tokens = batch["tokens"].to(device, non_blocking=True)
+        with autocast(device):
+            image_embeddings, text_embeddings = model(images, tokens, batch["token_lengths"])
+        loss = loss_fn(image_embeddings.float(), text_embeddings.float(), hardest)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if options.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip)
+        optimizer.step()
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise ShnetError(f"the training loss became {value} at epoch {epoch}, step {steps}; lower --lr or check the features")
+        total, steps = total + value, steps + 1
+        bar.set_postfix(loss=f"{value:.3f}")
+    return total / max(steps, 1)
+
+
+def copy_atomically(source: Path, target: Path) -> None:
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.copyfile(source, tmp)
+    tmp.replace(target)
+
+
+def resumed_options(saved: dict, given: TrainOptions, explicit: set[str]) -> TrainOptions:
+    """The saved recipe with the runtime options the user gave now; refuse other changed options."""
+    options = TrainOptions.from_dict(saved)
+    changed = [name for name in sorted(explicit) if name not in RUNTIME_OPTIONS and getattr(given, name) != getattr(options, name)]
+    if changed:
+        listing = ", ".join(f"--{n.replace('_', '-')} (run: {getattr(options, n)!r}, given: {getattr(given, n)!r})" for n in changed)
+        raise ShnetError(f"a resumed run keeps its recipe; these options differ from the run's: {listing}. Start a new --output to change them")
+    for name in RUNTIME_OPTIONS:
+        if name in explicit or name == "output":
+            setattr(options, name, getattr(given, name))
+    return options
+
+
+def train(options: TrainOptions, resume: bool = False, explicit: set[str] | None = None, log: Callable[[str], None] = print) -> dict:
+    """Train (or, with ``resume``, continue) the run in ``options.output``; returns a summary.
+
+    ``explicit``: the option names the user set on this invocation (a resumed run accepts changes to
+    :data:`RUNTIME_OPTIONS` only).
+    """
+    run_dir = Path(options.output).expanduser()
+    last = run_dir / LAST
+    if resume:
+        if not last.exists():
+            raise ShnetError(f"nothing to resume: {last} does not exist (start the run without --resume)")
+        checkpoint = load_model(last)
+        options = resumed_options(checkpoint.extra["options"], options, explicit or set())
+    elif last.exists():
+        raise ShnetError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --output")
+    options.check()
+    device = resolve_device(options.device)
+    seed_everything(options.seed)
+
+    table = read_captions(options.captions)
+    index = FeatureIndex(options.caches, options.level)
+    train_set = match_split(select_split(table, options.train_split), index, "drop", log)
+    val_set = match_split(select_split(table, options.val_split), index, "drop", log).first_images(options.val_images)
+    val_set.require_captions_per_image(CAPTIONS_PER_IMAGE)
+
+    if resume:
+        model, config, tokenizer = checkpoint.model, checkpoint.config, checkpoint.tokenizer
+    else:
+        tokenizer = BertTokenizerAdapter.from_folder(options.bert_path) if options.text_encoder == "bert" else VocabularyTokenizer.build(train_set.captions)
+        config = ModelConfig(
+            level=options.level,
+            embed_size=options.embed_size,
+            region_dim=index.feature_dim,
+            num_classes=index.num_classes,
+            seg_map_mode=options.seg_map_mode,
+            text_encoder=options.text_encoder,
+            bert_path=options.bert_path,
+            vocab_size=tokenizer.vocab_size,
+            word_dim=options.word_dim,
+        )
+        model = build_model(config)
+    if (config.region_dim, config.num_classes) != (index.feature_dim, index.num_classes):
+        raise ShnetError(
+            f"the run's model takes {config.region_dim}-d features and {config.num_classes} classes; "
+            f"the caches give {index.feature_dim}-d and {index.num_classes}"
+        )
+    model.to(device)
+    optimizer = torch.optim.AdamW(parameter_groups(model, options.lr, options.bert_lr_factor), lr=options.lr, weight_decay=options.weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[options.lr_update], gamma=options.lr_decay)
+    start_epoch, best_rsum, best_epoch = 0, -math.inf, -1
+    if resume:
+        extra = checkpoint.extra
+        optimizer.load_state_dict(extra["optimizer"])
+        scheduler.load_state_dict(extra["scheduler"])
+        start_epoch, best_rsum, best_epoch = extra["epoch"] + 1, extra["best_rsum"], extra["best_epoch"]
+        restore_rng_states(extra["rng"])
+        log(f"resuming {run_dir} at epoch {start_epoch} (best rSum {best_rsum:.2f} at epoch {best_epoch})")
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / OPTIONS).write_text(json.dumps({"options": options.to_dict(), "model": config.to_dict()}, indent=2) + "\n")
+    reader = index.reader(train_set.images)
+    if options.in_memory:
+        reader.load_in_memory()
+    pairs = TrainPairs(reader, train_set, tokenizer, options.seed, options.region_dropout)
+    loader = train_loader(pairs, options.batch_size, options.workers, options.seed, pin_memory=device.type == "cuda")
+    loss_fn = HingeTripletLoss(options.margin)
+    run_log = RunLog(run_dir, keep_epochs=start_epoch)
+    log(
+        f"training the {options.level} model on {train_set.num_images} images / {len(train_set.captions)} captions, "
+        f"validating on {val_set.num_images} images; {len(loader)} steps per epoch on {device}"
+    )
+    try:
+        for epoch in range(start_epoch, options.epochs):
+            started = time.perf_counter()
+            hardest = epoch >= options.max_violation_after
+            lr = optimizer.param_groups[0]["lr"]
+            train_loss = train_one_epoch(model, loader, optimizer, loss_fn, hardest, options, device, epoch)
+            val = validate(model, index, val_set, tokenizer, options, device)
+            scheduler.step()
+            is_best = val["rsum"] > best_rsum
+            if is_best:
+                best_rsum, best_epoch = val["rsum"], epoch
+            record = {
+                "epoch": epoch,
+                "train_loss": train_loss,
+                "lr": lr,
+                "hardest_negative": hardest,
+                "val": val,
+                "best_rsum": best_rsum,
+                "seconds": round(time.perf_counter() - started, 3),
+            }
+            run_log.append(record)
+            extra = {
+                "epoch": epoch,
+                "best_rsum": best_rsum,
+                "best_epoch": best_epoch,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": rng_states(),
+                "options": options.to_dict(),
+                "metrics": record,
+            }
+            save_checkpoint(last, model, config, tokenizer, extra)
+            if is_best:
+                copy_atomically(last, run_dir / BEST)
+            log(
+                f"epoch {epoch}: loss {train_loss:.4f}, val rSum {val['rsum']:.2f} "
+                f"(i2t R@1 {val['i2t']['r1']:.1f}, t2i R@1 {val['t2i']['r1']:.1f}){' best' if is_best else ''}, "
+                f"{record['seconds']:.0f}s"
+            )
+    finally:
+        run_log.close()
+        reader.close()
+    return {"run_dir": str(run_dir), "best_rsum": best_rsum, "best_epoch": best_epoch, "epochs": options.epochs}

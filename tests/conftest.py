@@ -1,0 +1,67 @@
+"""Shared fixtures: real photos (shipped inside scikit-image / scikit-learn) and odd files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def _photos() -> dict[str, np.ndarray]:
+    import skimage.data
+    from sklearn.datasets import load_sample_image
+
+    return {
+        "animals/chelsea": skimage.data.chelsea(),
+        "animals/astronaut": skimage.data.astronaut(),
+        "things/coffee": skimage.data.coffee(),
+        "things/rocket": skimage.data.rocket(),
+        "places/china": load_sample_image("china.jpg"),
+        "places/flower": load_sample_image("flower.jpg"),
+        "gray/camera": skimage.data.camera(),
+    }
+
+
+def write_photos(folder: Path, max_side: int = 160) -> list[str]:
+    """Real photos, shrunk to ``max_side`` for speed, as JPEG (one PNG); returns their image_ids."""
+    ids = []
+    for image_id, pixels in _photos().items():
+        image = Image.fromarray(pixels)
+        image.thumbnail((max_side, max_side))
+        suffix = ".png" if image_id.startswith("gray/") else ".jpg"
+        path = folder / f"{image_id}{suffix}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path, quality=90)
+        ids.append(image_id)
+    return sorted(ids)
+
+
+def write_bad_files(folder: Path) -> dict[str, str]:
+    """Files that cannot be decoded, with the image_id each will get."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "not-an-image.jpg").write_text("this is text, not pixels\n")
+    good = folder / "_full.jpg"
+    Image.fromarray((np.random.default_rng(0).random((96, 128, 3)) * 255).astype(np.uint8)).save(good, quality=95)
+    data = good.read_bytes()
+    (folder / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    good.unlink()
+    return {"bad/empty": "empty", "bad/not-an-image": "not an image", "bad/truncated": "truncated"}
+
+
+@pytest.fixture(scope="session")
+def photo_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("photos")
+    write_photos(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def mixed_dir(tmp_path_factory) -> Path:
+    """Real photos plus three undecodable files under bad/."""
+    folder = tmp_path_factory.mktemp("mixed")
+    write_photos(folder)
+    write_bad_files(folder / "bad")
+    return folder
