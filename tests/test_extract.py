@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
+from shnet.checkpoints import file_sha256
 from shnet.cli import main
 from shnet.pipeline.store import Cache, CacheLock
 
@@ -233,3 +234,30 @@ def test_extract_on_an_existing_dask_cluster(photo_dir, tmp_path):
             proc.terminate()
         for proc in procs:
             proc.wait(timeout=30)
+
+
+def test_learned_saliency_backend_with_local_weights(tmp_path):
+    import torch
+    from PIL import Image
+
+    from shnet.pipeline.models.msinet import MSINet
+
+    folder = tmp_path / "two"
+    folder.mkdir()
+    import skimage.data
+
+    for name, pixels in (("coffee", skimage.data.coffee()), ("rocket", skimage.data.rocket())):
+        image = Image.fromarray(pixels)
+        image.thumbnail((120, 120))
+        image.save(folder / f"{name}.jpg")
+    torch.manual_seed(0)
+    weights = tmp_path / "msinet.pth"
+    torch.save(MSINet().state_dict(), weights)
+    cache = tmp_path / "sal"
+    result = extract(folder, "-o", cache, "--profile", "smoke", "--stages", "saliency", "--workers", 1,
+                     "--set", "saliency.backend=msinet", "--set", f"saliency.weights={weights}", "--set", "saliency.resolution=24")
+    assert result.exit_code == 0, result.output
+    store = Cache(cache)
+    maps = [store.read("saliency", "saliency", i).astype(np.float32) for i in ("coffee", "rocket")]
+    assert all(m.shape == (24, 24) and 0 <= m.min() and m.max() <= 1 and m.std() > 0 for m in maps)
+    assert store.stage_config("saliency")["weights_sha256"] == file_sha256(weights)

@@ -10,9 +10,9 @@ from click.core import ParameterSource
 
 from ..errors import ShnetError
 from .evaluate import EvalRequest, evaluate_checkpoints, format_table, load_similarities, results_json, save_similarities
+from .image_encoder import SEG_MAP_MODES
 from .metrics import PROTOCOLS, protocol_metrics
 from .model import LEVELS, TEXT_ENCODERS
-from .image_encoder import SEG_MAP_MODES
 from .train import TrainOptions, train
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainOptions) if f.default is not dataclasses.MISSING}
@@ -22,41 +22,37 @@ def _log(message: str) -> None:
     click.echo(message, err=True)
 
 
-def _default(name: str):
-    return _DEFAULTS[name]
-
-
 @click.command("train")
 @click.option("--cache", "caches", multiple=True, type=click.Path(file_okay=False), help="Feature cache directory (repeatable; joined on image_id).")
 @click.option("--captions", type=click.Path(dir_okay=False), help="Karpathy split JSON, or CSV/Parquet with image_id, caption, split.")
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Run directory (checkpoints, metrics.jsonl, curves.png).")
 @click.option("--resume", is_flag=True, help="Continue the run in --output from its last checkpoint.")
-@click.option("--level", type=click.Choice(LEVELS), default=_default("level"), show_default=True, help="Region features or grid features.")
-@click.option("--text-encoder", type=click.Choice(TEXT_ENCODERS), default=_default("text_encoder"), show_default=True)
+@click.option("--level", type=click.Choice(LEVELS), default=_DEFAULTS["level"], show_default=True, help="Region features or grid features.")
+@click.option("--text-encoder", type=click.Choice(TEXT_ENCODERS), default=_DEFAULTS["text_encoder"], show_default=True)
 @click.option("--bert-path", type=click.Path(file_okay=False), help="Local bert-base-uncased folder (for --text-encoder bert).")
-@click.option("--embed-size", type=int, default=_default("embed_size"), show_default=True)
-@click.option("--word-dim", type=int, default=_default("word_dim"), show_default=True, help="Word embedding size of the BiGRU encoder.")
-@click.option("--seg-map-mode", type=click.Choice(SEG_MAP_MODES), default=_default("seg_map_mode"), show_default=True, help="How the 64x64 class map is fed.")
-@click.option("--epochs", type=int, default=_default("epochs"), show_default=True)
-@click.option("--batch-size", type=int, default=_default("batch_size"), show_default=True)
-@click.option("--lr", type=float, default=_default("lr"), show_default=True, help="Learning rate of the image encoder and text head.")
-@click.option("--bert-lr-factor", type=float, default=_default("bert_lr_factor"), show_default=True, help="BERT's learning rate relative to --lr.")
-@click.option("--weight-decay", type=float, default=_default("weight_decay"), show_default=True, help="AdamW weight decay.")
-@click.option("--lr-update", type=int, default=_default("lr_update"), show_default=True, help="Epoch at which the learning rate drops.")
-@click.option("--lr-decay", type=float, default=_default("lr_decay"), show_default=True, help="Factor of that drop.")
-@click.option("--grad-clip", type=float, default=_default("grad_clip"), show_default=True, help="Gradient-norm clip (0: none).")
-@click.option("--margin", type=float, default=_default("margin"), show_default=True, help="Hinge triplet loss margin.")
-@click.option("--max-violation-after", type=int, default=_default("max_violation_after"), show_default=True,
+@click.option("--embed-size", type=int, default=_DEFAULTS["embed_size"], show_default=True)
+@click.option("--word-dim", type=int, default=_DEFAULTS["word_dim"], show_default=True, help="Word embedding size of the BiGRU encoder.")
+@click.option("--seg-map-mode", type=click.Choice(SEG_MAP_MODES), default=_DEFAULTS["seg_map_mode"], show_default=True, help="How the 64x64 class map is fed.")
+@click.option("--epochs", type=int, default=_DEFAULTS["epochs"], show_default=True)
+@click.option("--batch-size", type=int, default=_DEFAULTS["batch_size"], show_default=True)
+@click.option("--lr", type=float, default=_DEFAULTS["lr"], show_default=True, help="Learning rate of the image encoder and text head.")
+@click.option("--bert-lr-factor", type=float, default=_DEFAULTS["bert_lr_factor"], show_default=True, help="BERT's learning rate relative to --lr.")
+@click.option("--weight-decay", type=float, default=_DEFAULTS["weight_decay"], show_default=True, help="AdamW weight decay.")
+@click.option("--lr-update", type=int, default=_DEFAULTS["lr_update"], show_default=True, help="Epoch at which the learning rate drops.")
+@click.option("--lr-decay", type=float, default=_DEFAULTS["lr_decay"], show_default=True, help="Factor of that drop.")
+@click.option("--grad-clip", type=float, default=_DEFAULTS["grad_clip"], show_default=True, help="Gradient-norm clip (0: none).")
+@click.option("--margin", type=float, default=_DEFAULTS["margin"], show_default=True, help="Hinge triplet loss margin.")
+@click.option("--max-violation-after", type=int, default=_DEFAULTS["max_violation_after"], show_default=True,
               help="First epoch using the hardest negative only (earlier epochs sum over all negatives).")
-@click.option("--region-dropout", type=float, default=_default("region_dropout"), show_default=True, help="Share of regions dropped per training sample.")
-@click.option("--train-split", default=_default("train_split"), show_default=True)
-@click.option("--val-split", default=_default("val_split"), show_default=True)
-@click.option("--val-images", type=int, default=_default("val_images"), show_default=True, help="Validate on the split's first N images (0: all).")
-@click.option("--seed", type=int, default=_default("seed"), show_default=True)
-@click.option("--workers", type=int, default=_default("workers"), show_default=True, help="DataLoader worker processes.")
+@click.option("--region-dropout", type=float, default=_DEFAULTS["region_dropout"], show_default=True, help="Share of regions dropped per training sample.")
+@click.option("--train-split", default=_DEFAULTS["train_split"], show_default=True)
+@click.option("--val-split", default=_DEFAULTS["val_split"], show_default=True)
+@click.option("--val-images", type=int, default=_DEFAULTS["val_images"], show_default=True, help="Validate on the split's first N images (0: all).")
+@click.option("--seed", type=int, default=_DEFAULTS["seed"], show_default=True)
+@click.option("--workers", type=int, default=_DEFAULTS["workers"], show_default=True, help="DataLoader worker processes.")
 @click.option("--in-memory", is_flag=True, help="Hold the training split's features in RAM (fp16) instead of reading HDF5.")
-@click.option("--device", default=_default("device"), show_default=True, help="auto, cpu, cuda or cuda:N (bf16 autocast on CUDA).")
-@click.option("--progress/--no-progress", default=_default("progress"), show_default=True, help="Show a progress bar per epoch.")
+@click.option("--device", default=_DEFAULTS["device"], show_default=True, help="auto, cpu, cuda or cuda:N (bf16 autocast on CUDA).")
+@click.option("--progress/--no-progress", default=_DEFAULTS["progress"], show_default=True, help="Show a progress bar per epoch.")
 @click.pass_context
 def train_command(ctx: click.Context, resume: bool, **params) -> None:
     """Train a 3SHNet model on cached features (the paper's recipe unless told otherwise)."""
@@ -104,13 +100,9 @@ def evaluate_command(sources, ensemble, sims, captions, caches, split, protocol,
         matrix, results = evaluation.sims, evaluation.results
         label = f"split '{split}' of {evaluation.captions.source}: {evaluation.captions.num_images} images"
     if save_sims:
-        _log(f"similarities saved to {save_sims_path(save_sims, matrix)}")
+        _log(f"similarities saved to {save_similarities(save_sims, matrix)}")
     if as_json:
         click.echo(results_json(results))
     else:
         click.echo(f"{' + '.join(sources)} on {label}")
         click.echo(format_table(results))
-
-
-def save_sims_path(path: str, matrix) -> str:
-    return str(save_similarities(path, matrix))

@@ -155,4 +155,6 @@ class ImageStage(Stage):
                 rows.append(row)
             except ImageDecodeError as exc:
                 failures.append((row, str(exc)))
+            except Exception as exc:  # noqa: BLE001 - one odd file must never stop a shard
+                failures.append((row, f"cannot process image {path}: {type(exc).__name__}: {exc}"))
         return rows, prepared, failures, time.perf_counter() - start

@@ -39,6 +39,8 @@ class ProbeStage(Stage):
                 height, width = rgb.shape[:2]
             except ImageDecodeError as exc:
                 status, error = "error", str(exc)
+            except Exception as exc:  # noqa: BLE001 - one odd file must never stop a shard
+                status, error = "error", f"cannot decode image {path}: {type(exc).__name__}: {exc}"
             sizes[i] = (height, width)
             rows.append((row, status, error, time.perf_counter() - start, width, height))
         order = np.argsort(job.images["row"].to_numpy())

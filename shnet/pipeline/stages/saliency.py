@@ -68,9 +68,10 @@ class SaliencyStage(ImageStage):
         if config["backend"] == "spectral_residual":
             maps = np.stack(prepared)
         else:
-            batch = torch.from_numpy(np.stack(prepared)).to(device)
+            from ..models.msinet import restore_map
+
+            batch = torch.from_numpy(np.stack([pixels for pixels, _ in prepared])).to(device)
             with torch.inference_mode(), autocast_for(device):
-                out = model(batch).float()
-            maps = torch.nn.functional.interpolate(out, size=(r, r), mode="bilinear", align_corners=False)
-            maps = maps[:, 0].clamp(0, 1).cpu().numpy()
+                out = model(batch).float()[:, 0].clamp(0, 1).cpu().numpy()
+            maps = np.stack([restore_map(out[i], box, (r, r)) for i, (_, box) in enumerate(prepared)])
         return StageOutput(arrays={"saliency": maps.astype(np.float16)})
