@@ -16,7 +16,7 @@ from shnet.errors import CheckpointMismatchError, ShnetError
 from shnet.trainer import ModelConfig, build_model, load_model, save_checkpoint
 from shnet.trainer.gpo import GPO
 from shnet.trainer.image_encoder import ImageEncoder
-from shnet.trainer.text_encoders import BertTokenizerAdapter, VocabularyTokenizer, _transformers
+from shnet.trainer.text_encoders import BertTextEncoder, BertTokenizerAdapter, VocabularyTokenizer, _transformers
 
 from test_trainer_model import BERT_WORDS, image_batch, make_bert_folder, randomise_batchnorm
 
@@ -47,11 +47,11 @@ def random_state(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, tor
     return state
 
 
-def save_reference(path: Path, image_state, text_state, prefix: str = "", **opt_overrides) -> Path:
+def save_reference(path: Path, image_state, text_state, **opt_overrides) -> Path:
     """A file laid out as the reference implementation's ``torch.save`` writes it."""
+    fc = next(v for k, v in image_state.items() if k.removeprefix("module.") == "fc.weight")
     opt = argparse.Namespace(
-        data_name="coco_precomp", embed_size=image_state[f"{prefix}fc.weight"].shape[0],
-        img_dim=image_state[f"{prefix}fc.weight"].shape[1], precomp_enc_type="basic", margin=0.2,
+        data_name="coco_precomp", embed_size=fc.shape[0], img_dim=fc.shape[1], precomp_enc_type="basic", margin=0.2,
         max_violation=True, no_imgnorm=False, no_txtnorm=False, learning_rate=5e-4,
     )
     vars(opt).update(opt_overrides)
@@ -127,7 +127,7 @@ def test_small_reference_checkpoint_with_tokenizer(tmp_path, bert_folder, small_
     image_state, text_state = small_reference_states
     path = save_reference(tmp_path / "checkpoint.pth.tar", image_state, text_state)
     loaded = load_model(path, bert_path=str(bert_folder), seg_map_mode="normalised")
-    assert loaded.config.seg_map_mode == "normalised" and loaded.config.bert_config["num_attention_heads"] == 1
+    assert loaded.config.seg_map_mode == "normalised" and loaded.config.bert_config["num_attention_heads"] == 2
     assert isinstance(loaded.tokenizer, BertTokenizerAdapter)
 
     direct = ImageEncoder(SMALL_REGION_DIM, SMALL_EMBED, seg_map_mode="normalised").eval()
@@ -141,13 +141,21 @@ def test_small_reference_checkpoint_with_tokenizer(tmp_path, bert_folder, small_
         assert torch.equal(loaded.model.encode_images(batch), direct(**batch))
         texts = loaded.model.encode_texts(tokens, torch.tensor([len(r) for r in ids]))
     torch.testing.assert_close(texts.norm(dim=1), torch.ones(2))
+    bert = _transformers().BertModel.from_pretrained(str(bert_folder), local_files_only=True).eval()
+    direct_text = BertTextEncoder(bert, SMALL_EMBED).eval()
+    direct_text.load_state_dict(text_state)
+    with torch.no_grad():
+        torch.testing.assert_close(texts, direct_text(tokens, torch.tensor([len(r) for r in ids])), atol=1e-6, rtol=0)
+
+    without_folder = load_model(path)
+    assert without_folder.tokenizer is None and without_folder.config.bert_config["num_attention_heads"] == 1
 
 
 def test_renamed_key_fails_naming_the_key_and_the_file(tmp_path, small_reference_states):
     image_state, text_state = small_reference_states
     image_state = dict(image_state)
     image_state["crossmodalfusion_sp.embedding_Seg.1.running_mu"] = image_state.pop("crossmodalfusion_sp.embedding_Seg.1.running_mean")
-    path = save_reference(tmp_path / "renamed.pth", with_prefix(image_state, "module."), text_state, prefix="module.")
+    path = save_reference(tmp_path / "renamed.pth", with_prefix(image_state, "module."), text_state)
     with pytest.raises(CheckpointMismatchError) as err:
         load_model(path)
     message = str(err.value)

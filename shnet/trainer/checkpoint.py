@@ -154,7 +154,7 @@ def _load_reference(path: Path, payload: dict, bert_path: str | None, seg_map_mo
         if option in options and options[option] != value:
             raise CheckpointMismatchError(f"{path}: opt.{option}={options[option]} but img_enc.fc.weight has shape {tuple(image_state['fc.weight'].shape)}")
     category = image_state.get("embed_category.0.weight")
-    architecture = bert_architecture_from_weights(text_state)
+    architecture = bert_architecture_from_weights(text_state, folder=bert_path)
     for key, holds_recomputed_values in _RECOMPUTED_BERT_BUFFERS.items():
         if key in text_state and holds_recomputed_values(text_state[key]):
             del text_state[key]

@@ -226,9 +226,14 @@ def bert_architecture(config) -> dict:
     return {key: getattr(config, key) for key in BERT_ARCHITECTURE_KEYS}
 
 
-def bert_architecture_from_weights(state: dict[str, torch.Tensor], prefix: str = "bert.") -> dict:
-    """A BERT architecture read off a state dict's shapes; heads = hidden / 64 (true of every
-    Google BERT release), other settings as bert-base-uncased."""
+_SHAPE_DERIVED_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size", "max_position_embeddings", "type_vocab_size")
+
+
+def bert_architecture_from_weights(state: dict[str, torch.Tensor], prefix: str = "bert.", folder: str | None = None) -> dict:
+    """A BERT architecture read off a state dict's shapes. Shapes cannot tell the attention heads
+    and activation: those come from ``folder``'s config.json when given (its sizes must agree with
+    the weights), otherwise heads = hidden / 64 (true of every Google BERT release) and the rest
+    as bert-base-uncased."""
     try:
         vocab_size, hidden = state[f"{prefix}embeddings.word_embeddings.weight"].shape
         max_positions = state[f"{prefix}embeddings.position_embeddings.weight"].shape[0]
@@ -238,17 +243,26 @@ def bert_architecture_from_weights(state: dict[str, torch.Tensor], prefix: str =
         raise ShnetError(f"the text encoder weights are not a BERT model: {exc.args[0]!r} is missing") from exc
     layer_key = re.compile(re.escape(prefix) + r"encoder\.layer\.(\d+)\.")
     layers = 1 + max(int(m.group(1)) for m in map(layer_key.match, state) if m)
-    defaults = bert_architecture(_transformers().BertConfig())
-    return dict(
-        defaults,
+    from_shapes = dict(
         vocab_size=int(vocab_size),
         hidden_size=int(hidden),
         num_hidden_layers=layers,
-        num_attention_heads=max(int(hidden) // 64, 1),
         intermediate_size=int(intermediate),
         max_position_embeddings=int(max_positions),
         type_vocab_size=int(type_vocab),
     )
+    config_file = Path(folder).expanduser() / "config.json" if folder is not None else None
+    if config_file is None or not config_file.exists():
+        defaults = bert_architecture(_transformers().BertConfig())
+        return dict(defaults, **from_shapes, num_attention_heads=max(int(hidden) // 64, 1))
+    described = bert_architecture(_transformers().BertConfig.from_json_file(str(config_file)))
+    differing = {k: (described[k], v) for k, v in from_shapes.items() if described[k] != v}
+    if differing:
+        raise ShnetError(
+            f"{config_file} describes another BERT than the checkpoint's (config vs weights: {differing}); "
+            "give the bert-base-uncased folder the model was trained with"
+        )
+    return described
 
 
 def build_bert(architecture: dict | None = None, path: str | None = None) -> nn.Module:

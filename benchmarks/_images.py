@@ -1,0 +1,42 @@
+"""Benchmark image sets: real photos (scikit-image / scikit-learn samples) cropped and flipped into many files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def _sources() -> list[np.ndarray]:
+    import skimage.data
+    from sklearn.datasets import load_sample_image
+
+    gray = skimage.data.camera()
+    return [
+        skimage.data.astronaut(),
+        skimage.data.coffee(),
+        skimage.data.chelsea(),
+        skimage.data.rocket(),
+        load_sample_image("china.jpg"),
+        load_sample_image("flower.jpg"),
+        np.stack([gray] * 3, -1),
+    ]
+
+
+def write_image_set(folder: Path, count: int, size: tuple[int, int] = (480, 640), seed: int = 0) -> Path:
+    """``count`` distinct JPEGs of ``size`` (h, w): random crops, flips and rescales of real photos."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    sources = _sources()
+    for i in range(count):
+        src = sources[i % len(sources)]
+        h, w = src.shape[:2]
+        ch, cw = rng.integers(h // 2, h + 1), rng.integers(w // 2, w + 1)
+        y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+        crop = src[y : y + ch, x : x + cw]
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        image = Image.fromarray(np.ascontiguousarray(crop)).resize((size[1], size[0]), Image.BILINEAR)
+        image.save(folder / f"img{i:06d}.jpg", quality=90)
+    return folder

@@ -1,0 +1,80 @@
+"""Grid-stage throughput through the whole extract pipeline versus a bare loop over the same work.
+
+The pipeline run is a real `shnet extract --stages grid` (probe included) on an embedded
+LocalCluster, timed from the command start to its end (cluster start, model loads, decoding, HDF5
+writes included). The bare loop runs the same model over the same images in one process with the
+same total number of threads: decode, preprocess, batched forward; model build not timed.
+
+    python benchmarks/extract_throughput.py [--images 96] [--model resnet50] [--input-size 512]
+
+Last line: pipeline_efficiency=<pipeline img/s / bare img/s>  (goal >= 0.85 on CPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from _images import write_image_set  # noqa: E402
+
+
+def bare_loop(folder: Path, model_name: str, input_size: int, batch_size: int, threads: int) -> float:
+    import numpy as np
+    import torch
+
+    from shnet.pipeline.images import decode_image, discover_images
+    from shnet.pipeline.models.grid import build_grid_backbone, preprocess
+
+    torch.set_num_threads(threads)
+    model = build_grid_backbone(model_name, "random")
+    paths = discover_images([folder])["path"].tolist()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, len(paths), batch_size):
+            batch = [preprocess(decode_image(p, draft_size=input_size), input_size, "stretch", model.mean, model.std, model.stride)[0]
+                     for p in paths[i : i + batch_size]]
+            model(torch.from_numpy(np.stack(batch))).to(torch.float16).numpy()
+    return len(paths) / (time.perf_counter() - start)
+
+
+def pipeline(folder: Path, cache: Path, model_name: str, input_size: int, batch_size: int, workers: int) -> float:
+    count = len(list(folder.glob("*.jpg")))
+    command = [
+        sys.executable, "-m", "shnet", "extract", str(folder), "-o", str(cache), "--stages", "grid",
+        "--set", f"grid.model={model_name}", "--set", "grid.weights=random", "--set", f"grid.input_size={input_size}",
+        "--workers", str(workers), "--batch-size", str(batch_size), "--shard-size", str(max(batch_size, count // (workers * 4))),
+    ]
+    start = time.perf_counter()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    return count / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=96)
+    parser.add_argument("--model", default="resnet50")
+    parser.add_argument("--input-size", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=None, help="pipeline workers (default: one per core)")
+    args = parser.parse_args()
+    cores = len(os.sched_getaffinity(0))
+    workers = args.workers or cores
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = write_image_set(Path(tmp) / "images", args.images)
+        bare = bare_loop(folder, args.model, args.input_size, args.batch_size, cores)
+        piped = pipeline(folder, Path(tmp) / "cache", args.model, args.input_size, args.batch_size, workers)
+    print(f"images={args.images} model={args.model} input={args.input_size} cores={cores} pipeline_workers={workers}")
+    print(f"bare_loop_img_per_s={bare:.3f}  ({cores} torch threads, one process)")
+    print(f"pipeline_img_per_s={piped:.3f}  (whole `shnet extract --stages grid` wall time)")
+    print(f"pipeline_efficiency={piped / bare:.3f}")
+
+
+if __name__ == "__main__":
+    main()
