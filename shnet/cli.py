@@ -11,7 +11,7 @@ from .errors import ShnetError
 
 
 class ShnetGroup(click.Group):
-    """Prints a :class:`ShnetError` as one line on stderr and exits 1, without a traceback."""
+    """Prints a :class:`ShnetError` as one message on stderr and exits 1, without a traceback."""
 
     def invoke(self, ctx):
         try:
@@ -19,6 +19,9 @@ class ShnetGroup(click.Group):
         except ShnetError as exc:
             click.secho(f"shnet: error: {exc}", fg="red", err=True)
             sys.exit(1)
+        except KeyboardInterrupt:
+            click.secho("shnet: interrupted; everything completed so far is kept (re-run the same command to resume)", fg="yellow", err=True)
+            sys.exit(130)
 
 
 @click.group(cls=ShnetGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -164,10 +167,8 @@ def _human_bytes(n: int) -> str:
 
 
 def _register_trainer_commands() -> None:
-    try:
-        from .trainer.cli import evaluate_command, train_command
-    except ImportError:
-        return
+    from .trainer.cli import evaluate_command, train_command
+
     main.add_command(train_command, "train")
     main.add_command(evaluate_command, "evaluate")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -29,6 +30,7 @@ REGION_DIM, EMBED = 48, 64
 # ---------------------------------------------------------------- independent reference forward
 
 
+@functools.lru_cache(maxsize=None)
 def ref_positional_codes(dim: int, length: int) -> torch.Tensor:
     """Sinusoidal codes computed element by element in float32, the precision the reference uses."""
     step = np.float32(-(math.log(10000.0) / dim))

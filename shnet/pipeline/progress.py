@@ -66,7 +66,7 @@ def summary_table(report) -> Table:
         table.add_column(column, justify="right" if column != "stage" else "left")
     for name in report.stages:
         t = report.tallies[name]
-        rate = f"{t.images / t.seconds:.1f}" if t.seconds > 0 else "-"
+        rate = f"{t.images_per_second:.1f}" if t.images_per_second else "-"
         status = f"{t.shards_done}" + (f" ([red]{len(t.failed)} failed[/red])" if t.failed else "")
         table.add_row(name, status, str(t.shards_skipped), str(t.images), str(t.errors), rate, str(t.models_built))
     return table

@@ -61,9 +61,17 @@ class StageTally:
     shards_done: int = 0
     images: int = 0
     errors: int = 0
-    seconds: float = 0.0
+    first_start: float | None = None
+    last_finish: float | None = None
     models_built: int = 0
     failed: list = field(default_factory=list)
+
+    @property
+    def images_per_second(self) -> float | None:
+        """Images over the wall-clock span from this stage's first task start to its last finish."""
+        if self.first_start is None or self.last_finish <= self.first_start:
+            return None
+        return self.images / (self.last_finish - self.first_start)
 
 
 @dataclass
@@ -208,8 +216,10 @@ def _submit_and_collect(client, request, cache, planned, stages, configs, pendin
         tally.shards_done += 1
         tally.images += summary["images"]
         tally.errors += summary.get("errors", 0)
-        tally.seconds += summary.get("seconds", 0.0)
         tally.models_built += int(summary.get("model_built", False))
+        if "started_at" in summary:
+            tally.first_start = min(summary["started_at"], tally.first_start or summary["started_at"])
+            tally.last_finish = max(summary["finished_at"], tally.last_finish or summary["finished_at"])
         display.shard_done(name, summary)
 
 

@@ -73,6 +73,7 @@ def run_shard(job: ShardJob, *dependencies) -> dict:
     ``dependencies`` are the results of the tasks this one must follow (unused: the order is the point).
     """
     start = time.perf_counter()
+    started_at = time.time()
     cache = Cache(job.cache_root)
     stage = get_stage(job.stage)
     if cache.is_done(job.stage, job.shard):
@@ -99,6 +100,8 @@ def run_shard(job: ShardJob, *dependencies) -> dict:
         "seconds": seconds,
         "model_built": built,
         "pid": os.getpid(),
+        "started_at": started_at,
+        "finished_at": time.time(),
         "skipped": False,
     }
 

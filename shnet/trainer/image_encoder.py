@@ -10,6 +10,10 @@ The reference's MLPs run BatchNorm1d over all B*N token rows, so in train mode i
 include padded rows; here, in train mode, the region-wise BatchNorms compute their batch statistics
 (and running-statistic updates) over valid rows only. In eval mode BatchNorm uses running
 statistics token by token, which is exactly the reference's computation.
+
+Segmentation inputs: ``seg_map`` [B,64,64] holds class ids as floats, fed raw (the void id 255
+included, unchanged) or, with ``seg_map_mode="normalised"``, as ``(id/133 - 0.3342)/0.0621`` (an
+earlier reference loader's normalisation; which one the released checkpoints expect is unknown).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ SEG_FEAT_SIZE = 7
 SEG_TOKENS = SEG_FEAT_SIZE * SEG_FEAT_SIZE
 SPATIAL_DIM = 128
 SEG_MAP_MODES = ("raw", "normalised")
-_SEG_MAP_MEAN, _SEG_MAP_STD = 0.3342, 0.0621
+_SEG_MAP_SCALE, _SEG_MAP_MEAN, _SEG_MAP_STD = 133.0, 0.3342, 0.0621
 
 
 class MaskedBatchNorm1d(nn.BatchNorm1d):
@@ -124,7 +128,7 @@ class SpatialHighlighting(nn.Module):
 
     def forward(self, regions: torch.Tensor, seg_map: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         queries = self.MLP_image(regions, valid)
-        codes = self.pixel_codes.to(seg_map.dtype).unsqueeze(0).expand(seg_map.shape[0], -1, -1, -1)
+        codes = self.pixel_codes.unsqueeze(0).expand(seg_map.shape[0], -1, -1, -1)
         keys = self.embedding_Seg(torch.cat([seg_map.unsqueeze(1), codes], dim=1)).flatten(2)
         attention = torch.matmul(queries, keys) / math.sqrt(SPATIAL_DIM)
         attention = torch.softmax(attention * self.attention_scale, dim=-1)
@@ -184,7 +188,7 @@ class ImageEncoder(nn.Module):
         valid = length_mask(lengths, regions.shape[1])
         regions = regions.masked_fill(~valid.unsqueeze(-1), 0)
         if self.seg_map_mode == "normalised":
-            seg_map = (seg_map / self.num_classes - _SEG_MAP_MEAN) / _SEG_MAP_STD
+            seg_map = (seg_map / _SEG_MAP_SCALE - _SEG_MAP_MEAN) / _SEG_MAP_STD
 
         projected = self.fc(regions)
         category = self.embed_category(cat_onehot)

@@ -24,7 +24,8 @@ class HingeTripletLoss(nn.Module):
     def forward(self, img: torch.Tensor, txt: torch.Tensor, hardest: bool) -> torch.Tensor:
         if img.shape != txt.shape or img.dim() != 2:
             raise ShnetError(f"the loss needs image and caption embeddings of one shape [B, D], got {tuple(img.shape)} and {tuple(txt.shape)}")
-        scores = img @ txt.t()
+        with torch.autocast(device_type=img.device.type, enabled=False):  # margins need float32 scores
+            scores = img.float() @ txt.float().t()
         positive = scores.diagonal()
         is_positive = torch.eye(scores.shape[0], dtype=torch.bool, device=scores.device)
         cost_caption = (self.margin + scores - positive[:, None]).clamp(min=0).masked_fill(is_positive, 0)

@@ -127,7 +127,7 @@ class VocabularyTokenizer:
     @classmethod
     def build(cls, captions: Iterable[str], min_count: int = 1) -> "VocabularyTokenizer":
         counts = Counter(word for caption in captions for word in cls.split(caption))
-        kept = sorted((w for w, c in counts.items() if c >= min_count and w not in cls.SPECIALS), key=lambda w: (-counts[w], w))
+        kept = sorted((w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w))
         return cls(kept)
 
     def encode(self, caption: str) -> list[int]:
