@@ -11,14 +11,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_trainer_model import (
+    BERT_WORDS,
+    image_batch,
+    make_bert_folder,
+    randomise_batchnorm,
+)
 
 from shnet.errors import CheckpointMismatchError, ShnetError
 from shnet.trainer import ModelConfig, build_model, load_model, save_checkpoint
 from shnet.trainer.gpo import GPO
 from shnet.trainer.image_encoder import ImageEncoder
-from shnet.trainer.text_encoders import BertTextEncoder, BertTokenizerAdapter, VocabularyTokenizer, _transformers
-
-from test_trainer_model import BERT_WORDS, image_batch, make_bert_folder, randomise_batchnorm
+from shnet.trainer.text_encoders import (
+    BertTextEncoder,
+    BertTokenizerAdapter,
+    VocabularyTokenizer,
+    _transformers,
+)
 
 TSV = Path("/work/shared/reference/3shnet-official-checkpoint-keys.tsv")
 SMALL_REGION_DIM, SMALL_EMBED = 48, 64

@@ -30,7 +30,7 @@ REGION_DIM, EMBED = 48, 64
 # ---------------------------------------------------------------- independent reference forward
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def ref_positional_codes(dim: int, length: int) -> torch.Tensor:
     """Sinusoidal codes computed element by element in float32, the precision the reference uses."""
     step = np.float32(-(math.log(10000.0) / dim))
@@ -43,7 +43,7 @@ def ref_positional_codes(dim: int, length: int) -> torch.Tensor:
 
 
 def ref_linear(x, p, name):
-    return x @ p[f"{name}.weight"].t() + (p[f"{name}.bias"] if f"{name}.bias" in p else 0)
+    return x @ p[f"{name}.weight"].t() + p.get(f"{name}.bias", 0)
 
 
 def ref_batchnorm(x, p, name):
@@ -268,7 +268,11 @@ def test_gpo_matches_a_direct_per_sample_implementation():
         p = gpo.state_dict()
         for i, n in enumerate(lengths.tolist()):
             torch.testing.assert_close(pooled[i], ref_gpo(features[i, :n], p), atol=1e-5, rtol=0)
-    assert gpo.position_codes.shape[0] >= 130 and "position_codes" not in gpo.state_dict()
+    table = gpo._code_table
+    with torch.no_grad():
+        gpo(features[:2, :9], lengths[:2])
+    assert gpo._code_table is table and table.shape[0] >= 130
+    assert set(gpo.state_dict()) == {f"gru.{n}" for n, _ in gpo.gru.named_parameters()} | {"linear.weight"}
 
 
 def test_gpo_weights_vanish_beyond_lengths():

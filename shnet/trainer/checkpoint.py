@@ -23,7 +23,12 @@ from .. import __version__
 from ..checkpoints import load_state_strict, load_weights_file, strip_prefix
 from ..errors import CheckpointMismatchError, ShnetError
 from .model import ModelConfig, SHNet, build_model, config_of
-from .text_encoders import BertTokenizerAdapter, Tokenizer, bert_architecture_from_weights, tokenizer_from_state
+from .text_encoders import (
+    BertTokenizerAdapter,
+    Tokenizer,
+    bert_architecture_from_weights,
+    tokenizer_from_state,
+)
 
 FORMAT = "shnet-model"
 FORMAT_VERSION = 1

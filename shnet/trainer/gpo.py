@@ -50,20 +50,24 @@ class GPO(nn.Module):
         self.d_pe = d_pe
         self.gru = nn.GRU(d_pe, d_hidden, 1, batch_first=True, bidirectional=True)
         self.linear = nn.Linear(d_hidden, 1, bias=False)
-        self.register_buffer("position_codes", positional_encoding_1d(d_pe, 128), persistent=False)
+        self._code_table: torch.Tensor | None = None
 
-    def _codes(self, length: int) -> torch.Tensor:
-        """The first ``length`` position codes; the cached table grows (doubling) when too short."""
-        if length > self.position_codes.shape[0]:
-            size = max(length, 2 * self.position_codes.shape[0])
-            self.position_codes = positional_encoding_1d(self.d_pe, size).to(self.position_codes.device)
-        return self.position_codes[:length]
+    def _codes(self, length: int, device: torch.device) -> torch.Tensor:
+        """The first ``length`` position codes, from a table cached on ``device`` that grows (doubling)
+        when too short. Not a buffer: its size varies, and DDP requires buffers of equal shapes."""
+        table = self._code_table
+        size = 0 if table is None else table.shape[0]
+        if size < length:
+            size = max(length, 2 * size, 128)
+        if table is None or table.shape[0] != size or table.device != device:
+            self._code_table = table = positional_encoding_1d(self.d_pe, size).to(device)
+        return table[:length]
 
     def pool_weights(self, lengths: torch.Tensor) -> torch.Tensor:
         """Softmax weights [B, T, 1] over ranks, T = max(lengths); exactly 0 beyond each length."""
         max_len = int(lengths.max())
         mask = length_mask(lengths, max_len).unsqueeze(-1)
-        codes = self._codes(max_len).unsqueeze(0).expand(lengths.shape[0], -1, -1).masked_fill(~mask, 0)
+        codes = self._codes(max_len, lengths.device).unsqueeze(0).expand(lengths.shape[0], -1, -1).masked_fill(~mask, 0)
         packed = pack_padded_sequence(codes, lengths.long().cpu(), batch_first=True, enforce_sorted=False)
         out, _ = self.gru(packed)
         out, _ = pad_packed_sequence(out, batch_first=True, total_length=max_len)

@@ -29,8 +29,8 @@ from .gpo import GPO, l2norm, length_mask, positional_encoding_1d
 
 SEG_MAP_SIZE = 64
 SEG_FEAT_SIZE = 7
-SEG_TOKENS = SEG_FEAT_SIZE * SEG_FEAT_SIZE
 SPATIAL_DIM = 128
+SPATIAL_ATTENTION_SCALE = 4.0  # the reference's lambda_softmax
 SEG_MAP_MODES = ("raw", "normalised")
 _SEG_MAP_SCALE, _SEG_MAP_MEAN, _SEG_MAP_STD = 133.0, 0.3342, 0.0621
 
@@ -115,9 +115,8 @@ class SpatialHighlighting(nn.Module):
     8-dim sinusoidal code of the flat pixel index; the code is a fixed buffer [8, 64, 64].
     """
 
-    def __init__(self, embed_size: int, attention_scale: float = 4.0):
+    def __init__(self, embed_size: int):
         super().__init__()
-        self.attention_scale = attention_scale
         self.MLP_image = MLP(embed_size, embed_size // 2, SPATIAL_DIM)
         self.embedding_Seg = nn.Sequential(
             nn.Conv2d(9, SPATIAL_DIM, kernel_size=3, stride=1, padding=1), nn.BatchNorm2d(SPATIAL_DIM), nn.ReLU()
@@ -131,7 +130,7 @@ class SpatialHighlighting(nn.Module):
         codes = self.pixel_codes.unsqueeze(0).expand(seg_map.shape[0], -1, -1, -1)
         keys = self.embedding_Seg(torch.cat([seg_map.unsqueeze(1), codes], dim=1)).flatten(2)
         attention = torch.matmul(queries, keys) / math.sqrt(SPATIAL_DIM)
-        attention = torch.softmax(attention * self.attention_scale, dim=-1)
+        attention = torch.softmax(attention * SPATIAL_ATTENTION_SCALE, dim=-1)
         context = torch.matmul(attention, keys.transpose(1, 2))
         return self.embed_fusion(context * valid.unsqueeze(-1).to(context.dtype) + queries, valid)
 
@@ -185,6 +184,7 @@ class ImageEncoder(nn.Module):
     ) -> torch.Tensor:
         self._check_inputs(regions, lengths, seg_map, cat_onehot, seg_feat)
         regions, seg_map, cat_onehot, seg_feat = regions.float(), seg_map.float(), cat_onehot.float(), seg_feat.float()
+        lengths = lengths.to(regions.device)
         valid = length_mask(lengths, regions.shape[1])
         regions = regions.masked_fill(~valid.unsqueeze(-1), 0)
         if self.seg_map_mode == "normalised":

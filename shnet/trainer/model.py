@@ -10,7 +10,13 @@ from torch import nn
 
 from ..errors import ShnetError
 from .image_encoder import SEG_MAP_MODES, ImageEncoder
-from .text_encoders import BertTextEncoder, BiGRUTextEncoder, TextEncoder, bert_architecture, build_bert
+from .text_encoders import (
+    BertTextEncoder,
+    BiGRUTextEncoder,
+    TextEncoder,
+    bert_architecture,
+    build_bert,
+)
 
 LEVELS = ("region", "grid")
 TEXT_ENCODERS = ("bigru", "bert")
@@ -48,7 +54,7 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
+    def from_dict(cls, d: dict) -> ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Protocol, Union, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -125,7 +126,7 @@ class VocabularyTokenizer:
         return cls._WORD.findall(caption.lower())
 
     @classmethod
-    def build(cls, captions: Iterable[str], min_count: int = 1) -> "VocabularyTokenizer":
+    def build(cls, captions: Iterable[str], min_count: int = 1) -> VocabularyTokenizer:
         counts = Counter(word for caption in captions for word in cls.split(caption))
         kept = sorted((w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w))
         return cls(kept)
@@ -171,7 +172,7 @@ class BertTokenizerAdapter:
                 self._starts_word[index] = False
 
     @classmethod
-    def from_folder(cls, path: str | Path) -> "BertTokenizerAdapter":
+    def from_folder(cls, path: str | Path) -> BertTokenizerAdapter:
         path = Path(path).expanduser()
         if not path.is_dir():
             raise ShnetError(f"BERT folder not found: {path} (a local bert-base-uncased folder with vocab.txt or tokenizer.json)")
@@ -198,7 +199,7 @@ class BertTokenizerAdapter:
         return {"kind": "bert", "tokenizer_json": self._backend.to_str(), "max_length": self.max_length}
 
     @classmethod
-    def from_state(cls, state: dict) -> "BertTokenizerAdapter":
+    def from_state(cls, state: dict) -> BertTokenizerAdapter:
         from tokenizers import Tokenizer as Backend
 
         return cls(Backend.from_str(state["tokenizer_json"]), state["max_length"])
@@ -243,14 +244,14 @@ def bert_architecture_from_weights(state: dict[str, torch.Tensor], prefix: str =
         raise ShnetError(f"the text encoder weights are not a BERT model: {exc.args[0]!r} is missing") from exc
     layer_key = re.compile(re.escape(prefix) + r"encoder\.layer\.(\d+)\.")
     layers = 1 + max(int(m.group(1)) for m in map(layer_key.match, state) if m)
-    from_shapes = dict(
-        vocab_size=int(vocab_size),
-        hidden_size=int(hidden),
-        num_hidden_layers=layers,
-        intermediate_size=int(intermediate),
-        max_position_embeddings=int(max_positions),
-        type_vocab_size=int(type_vocab),
-    )
+    from_shapes = {
+        "vocab_size": int(vocab_size),
+        "hidden_size": int(hidden),
+        "num_hidden_layers": layers,
+        "intermediate_size": int(intermediate),
+        "max_position_embeddings": int(max_positions),
+        "type_vocab_size": int(type_vocab),
+    }
     config_file = Path(folder).expanduser() / "config.json" if folder is not None else None
     if config_file is None or not config_file.exists():
         defaults = bert_architecture(_transformers().BertConfig())
@@ -315,4 +316,4 @@ class BiGRUTextEncoder(nn.Module):
         return l2norm(self.gpool(out, lengths.to(tokens.device)))
 
 
-TextEncoder = Union[BertTextEncoder, BiGRUTextEncoder]
+TextEncoder = BertTextEncoder | BiGRUTextEncoder
