@@ -171,7 +171,9 @@ def test_image_encoder_matches_per_sample_reference(encoder):
                 p, batch["regions"][i, :n], batch["seg_map"][i], batch["cat_onehot"][i], batch["seg_feat"][i]
             )
             torch.testing.assert_close(out[i], expected, atol=1e-5, rtol=0)
+        float_lengths = encoder(**dict(batch, lengths=batch["lengths"].float()))  # the reference's dtype
     torch.testing.assert_close(out.norm(dim=1), torch.ones(4))
+    assert torch.equal(float_lengths, out)
 
 
 def test_normalised_seg_map_mode_feeds_the_reference_normalisation(encoder):

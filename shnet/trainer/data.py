@@ -386,6 +386,12 @@ class CaptionCollate:
         return {"tokens": token_ids, "token_lengths": token_lengths, "index": torch.tensor(indices)}
 
 
+def _own_generator() -> torch.Generator:
+    """Loaders draw their worker seeds from this, not from the global torch RNG, so that the
+    model's dropout sequence does not depend on how many loaders were iterated (or on resuming)."""
+    return torch.Generator().manual_seed(0)
+
+
 def train_loader(dataset: TrainPairs, batch_size: int, workers: int, seed: int, pin_memory: bool = False) -> DataLoader:
     return DataLoader(
         dataset,
@@ -395,15 +401,21 @@ def train_loader(dataset: TrainPairs, batch_size: int, workers: int, seed: int, 
         pin_memory=pin_memory,
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
+        generator=_own_generator(),
     )
 
 
 def image_loader(reader: FeatureReader, batch_size: int, workers: int, pin_memory: bool = False) -> DataLoader:
     return DataLoader(
-        ImageItems(reader), batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_image_items, pin_memory=pin_memory
+        ImageItems(reader),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=collate_image_items,
+        pin_memory=pin_memory,
+        generator=_own_generator(),
     )
 
 
 def caption_loader(captions: CaptionSet, tokenizer, batch_size: int) -> DataLoader:
     """Captions are tokenised in the main process: cheap next to encoding them."""
-    return DataLoader(CaptionItems(captions, tokenizer), batch_size=batch_size, shuffle=False, collate_fn=CaptionCollate(tokenizer.pad_id))
+    return DataLoader(CaptionItems(captions, tokenizer), batch_size=batch_size, collate_fn=CaptionCollate(tokenizer.pad_id), generator=_own_generator())
