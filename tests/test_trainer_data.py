@@ -64,7 +64,11 @@ def test_karpathy_reader_names_splits_and_first_five(tmp_path):
 @pytest.mark.parametrize("suffix", [".csv", ".parquet"])
 def test_table_readers_group_captions_by_image(tmp_path, suffix):
     frame = pd.DataFrame(
-        {"image_id": ["b", "a", "b", "a", "c"], "caption": ["b1", "a1", " b2 ", "a2", "c1"], "split": ["test", "test", "test", "test", "train"]}
+        {
+            "image_id": ["b", "a", "b", "a", "c"],
+            "caption": ["b1", "a1", " b2 ", "a2", "c1"],
+            "split": ["test", "test", "test", "test", "train"],
+        }
     )
     path = tmp_path / f"captions{suffix}"
     frame.to_csv(path, index=False) if suffix == ".csv" else frame.to_parquet(path)
@@ -122,6 +126,10 @@ def test_failed_and_missing_images_are_reported(cache, tmp_path):
     table = pd.read_parquet(table_path)
     table.loc[table["image_id"] == "img00002", ["status", "error"]] = ["error", "panoptic failed"]
     table.to_parquet(table_path)
+    table_path = Cache(copy).table_path("regions", 0)
+    table = pd.read_parquet(table_path)
+    table.loc[table["image_id"] == "img00003", "num_boxes"] = 0
+    table.to_parquet(table_path)
     frame = pd.read_csv(captions_path)
     frame = pd.concat([frame, pd.DataFrame({"image_id": ["ghost"] * 5, "caption": ["x"] * 5, "split": ["train"] * 5})])
     frame.to_csv(tmp_path / "captions.csv", index=False)
@@ -129,9 +137,10 @@ def test_failed_and_missing_images_are_reported(cache, tmp_path):
     index = FeatureIndex([copy], "region")
     warnings = []
     kept = match_split(train, index, "drop", warnings.append)
-    assert kept.num_images == 23 and "img00002" not in kept.images and "ghost" not in kept.images
-    assert "2 of 25 images" in warnings[0] and "ghost" in warnings[0] and "panoptic failed" in warnings[0]
-    with pytest.raises(ShnetError, match="2 of 25 images"):
+    assert kept.num_images == 22 and not {"img00002", "img00003", "ghost"} & set(kept.images)
+    assert "3 of 25 images" in warnings[0] and "ghost" in warnings[0]
+    assert "panoptic failed" in warnings[0] and "no region detected" in warnings[0]
+    with pytest.raises(ShnetError, match="3 of 25 images"):
         match_split(train, index, "error", warnings.append)
 
 
@@ -148,7 +157,9 @@ def test_caches_join_on_image_id(cache, tmp_path):
     for i, item in enumerate(items):
         padded[i, : counts[i]] = item["tokens"]
     write_stage(regions_only, "regions", ids[::-1], {"features": padded[::-1], "num_boxes": counts[::-1]}, {"k": 9}, shard_size=4)
-    write_stage(layout_only, "layout", ids, {n: np.stack([it[n] for it in items]) for n in ("seg_feat", "seg_map", "cat_onehot")}, {}, shard_size=11)
+    write_stage(
+        layout_only, "layout", ids, {n: np.stack([it[n] for it in items]) for n in ("seg_feat", "seg_map", "cat_onehot")}, {}, shard_size=11
+    )
     joined = FeatureIndex([regions_only, layout_only], "region").reader(ids)
     for i, item in enumerate(items):
         got = joined.read(i)
@@ -181,7 +192,7 @@ def test_workers_and_in_memory_give_identical_batches(cache, level):
     hdf5.read(0)  # the main process holds open handles before the workers fork
     memory = index.reader(train.images)
     memory.load_in_memory()
-    assert pickle.loads(pickle.dumps(hdf5))._handles == {}  # an open handle is never pickled
+    assert pickle.loads(pickle.dumps(hdf5))._files == {}  # an open handle is never pickled
 
     in_main = batches(train_loader(TrainPairs(hdf5, train, tokenizer, seed=3), 16, 0, seed=3), epoch=1)
     in_workers = batches(train_loader(TrainPairs(hdf5, train, tokenizer, seed=3), 16, 2, seed=3), epoch=1)
@@ -194,7 +205,7 @@ def test_workers_and_in_memory_give_identical_batches(cache, level):
 
     fresh = index.reader(train.images)
     eval_workers = list(image_loader(fresh, 10, 2))
-    assert fresh._handles == {}  # the workers opened their own files
+    assert fresh._files == {}  # the workers opened their own files
     assert_batches_equal(eval_workers, list(image_loader(memory, 10, 0)))
     assert sum(len(b["index"]) for b in eval_workers) == train.num_images  # each image once
     assert sum(len(b["index"]) for b in caption_loader(train, tokenizer, 32)) == len(train.captions)
@@ -218,11 +229,15 @@ def test_region_dropout_rate_and_collate_padding():
     kept = [len(drop_regions(tokens, rng)) for _ in range(2000)]
     assert np.mean(kept) / 36 == pytest.approx(0.8, abs=0.01)
     assert all(len(drop_regions(tokens[:1], rng, rate=1.0)) == 1 for _ in range(5))  # never empty
-    layout = {"seg_feat": np.zeros((133, 7, 7), np.float16), "seg_map": np.full((64, 64), 255, np.uint8), "cat_onehot": np.zeros(133, np.uint8)}
+    layout = {
+        "seg_feat": np.zeros((133, 7, 7), np.float16),
+        "seg_map": np.full((64, 64), 255, np.uint8),
+        "cat_onehot": np.zeros(133, np.uint8),
+    }
     batch = collate_images([{"tokens": tokens[:3], **layout}, {"tokens": tokens[:5], **layout}])
-    assert batch["regions"].shape == (2, 5, 2) and batch["regions"].dtype == torch.float32
+    assert batch["regions"].shape == (2, 5, 2) and batch["regions"].dtype == torch.float16  # as cached
     assert batch["lengths"].tolist() == [3, 5] and batch["regions"][0, 3:].abs().sum() == 0
-    assert batch["seg_map"].shape == (2, 64, 64) and batch["seg_map"].max() == 255
+    assert batch["seg_map"].shape == (2, 64, 64) and batch["seg_map"].dtype == torch.uint8 and batch["seg_map"].max() == 255
     assert batch["seg_feat"].shape == (2, 133, 7, 7) and batch["cat_onehot"].shape == (2, 133)
 
 

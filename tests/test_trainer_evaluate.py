@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import shutil
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
 
 from shnet.errors import ShnetError
+from shnet.trainer.checkpoint import load_model
 from shnet.trainer.cli import evaluate_command
-from shnet.trainer.synthetic import write_concept_cache
+from shnet.trainer.image_encoder import ImageEncoder
+from shnet.trainer.synthetic import CONCEPT_WORDS, OPENINGS, write_concept_cache
+from shnet.trainer.text_encoders import BertTextEncoder, _transformers
 from shnet.trainer.train import TrainOptions, train
 
 TEST_IMAGES = 16
@@ -33,7 +39,9 @@ def runs(tmp_path_factory):
     captions = write_concept_cache(root / "cache", {"train": 32, "val": 8, "test": TEST_IMAGES}, feature_dim=16, num_boxes=6, shard_size=20)
     captions.to_csv(root / "captions.csv", index=False)
     for seed in (0, 1):
-        options = TrainOptions(caches=[str(root / "cache")], captions=str(root / "captions.csv"), output=str(root / f"run{seed}"), seed=seed, **TINY)
+        options = TrainOptions(
+            caches=[str(root / "cache")], captions=str(root / "captions.csv"), output=str(root / f"run{seed}"), seed=seed, **TINY
+        )
         train(options, log=lambda message: None)
 
     other = write_concept_cache(root / "other", {"test": 12}, feature_dim=16, num_boxes=6, seed=7)
@@ -48,7 +56,7 @@ def runs(tmp_path_factory):
 def evaluate(*args) -> str:
     result = CliRunner().invoke(evaluate_command, [str(a) for a in args], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    return result.output
+    return result.stdout  # progress messages go to stderr
 
 
 def test_table_and_json_of_a_run(runs):
@@ -73,8 +81,8 @@ def test_ensemble_is_the_mean_of_the_runs_similarities(runs, tmp_path):
     evaluate(runs / "run0", "--save-sims", tmp_path / "a.npy", "--workers", "0")
     evaluate(runs / "run1" / "last.pth", "--save-sims", tmp_path / "b.npy", "--workers", "0")
     ensemble = json.loads(evaluate("--ensemble", runs / "run0", runs / "run1", "--json", "--save-sims", tmp_path / "ab.npy"))
-    mean = (np.load(tmp_path / "a.npy").astype(np.float64) + np.load(tmp_path / "b.npy")) / 2
-    assert np.array_equal(np.load(tmp_path / "ab.npy"), mean.astype(np.float32))
+    mean = (np.load(tmp_path / "a.npy") + np.load(tmp_path / "b.npy")) / 2
+    assert np.array_equal(np.load(tmp_path / "ab.npy"), mean)
     assert ensemble == json.loads(evaluate("--sims", tmp_path / "a.npy", tmp_path / "b.npy", "--json"))
 
 
@@ -101,12 +109,62 @@ def test_evaluate_refuses_what_it_cannot_measure(runs, tmp_path):
     with pytest.raises(ShnetError, match="holds no checkpoint"):
         evaluate(tmp_path)
     # An evaluation split with a missing image is refused (the protocol numbers would not be comparable).
-    frame = np.genfromtxt(runs / "captions.csv", delimiter=",", dtype=str, skip_header=1)
-    lines = ["image_id,caption,split"] + [",".join(row) for row in frame] + [f"ghost,a ghost {k},test" for k in range(5)]
-    (tmp_path / "captions.csv").write_text("\n".join(lines) + "\n")
-    with pytest.raises(ShnetError, match="1 of 17 images of split 'test'.*ghost"):
+    frame = pd.read_csv(runs / "captions.csv")
+    ghost = pd.DataFrame({"image_id": "ghost", "caption": [f"a ghost {k}" for k in range(5)], "split": "test"})
+    pd.concat([frame, ghost]).to_csv(tmp_path / "captions.csv", index=False)
+    with pytest.raises(ShnetError, match="(?s)1 of 17 images of split 'test'.*ghost"):
         evaluate(runs / "run0", "--captions", tmp_path / "captions.csv")
-    four = [row for row in frame if row[2] == "test"][:-1]
-    (tmp_path / "four.csv").write_text("\n".join(["image_id,caption,split"] + [",".join(r) for r in four]) + "\n")
+    frame[frame["split"] == "test"].iloc[:-1].to_csv(tmp_path / "four.csv", index=False)
     with pytest.raises(ShnetError, match="exactly 5 captions per image"):
         evaluate(runs / "run0", "--captions", tmp_path / "four.csv")
+
+
+def tiny_bert_folder(folder):
+    """A local bert-base-uncased style folder (vocab.txt, config, random weights) covering the captions."""
+    transformers = _transformers()
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ",", "and", "with", "next", "to"]
+    words += sorted(({w for opening in OPENINGS for w in opening.split()} | set(CONCEPT_WORDS)) - set(words))
+    folder.mkdir(parents=True)
+    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
+    config = transformers.BertConfig(
+        vocab_size=len(words), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, max_position_embeddings=40
+    )
+    transformers.BertModel(config).save_pretrained(str(folder))
+    return folder
+
+
+def test_a_reference_checkpoint_evaluates_directly(runs, tmp_path):
+    """A file laid out as the reference implementation saves it: [image state, text state] + argparse options."""
+    bert_folder = tiny_bert_folder(tmp_path / "bert")
+    torch.manual_seed(0)
+    image = ImageEncoder(region_dim=16, embed_size=32)
+    text = BertTextEncoder(_transformers().BertModel.from_pretrained(str(bert_folder)), 32)
+    opt = argparse.Namespace(embed_size=32, img_dim=16, precomp_enc_type="basic", no_imgnorm=False, no_txtnorm=False)
+    torch.save(
+        {"epoch": 3, "model": [image.state_dict(), text.state_dict()], "best_rsum": 0.0, "opt": opt, "Eiters": 9}, tmp_path / "ref.pth"
+    )
+    data = ["--captions", runs / "captions.csv", "--cache", runs / "cache"]
+    results = json.loads(evaluate(tmp_path / "ref.pth", "--bert-path", bert_folder, *data, "--json"))
+    assert list(results) == ["full"] and 0 <= results["full"]["rsum"] <= 600
+    with pytest.raises(ShnetError, match="pass --bert-path"):
+        evaluate(tmp_path / "ref.pth", *data)
+    with pytest.raises(ShnetError, match="pass --captions FILE and --cache"):
+        evaluate(tmp_path / "ref.pth", "--bert-path", bert_folder)
+
+
+def test_a_bert_run_trains_and_evaluates_without_its_folder(runs, tmp_path):
+    bert_folder = tiny_bert_folder(tmp_path / "bert")
+    run = tmp_path / "bert-run"
+    options = TrainOptions(
+        caches=[str(runs / "cache")],
+        captions=str(runs / "captions.csv"),
+        output=str(run),
+        text_encoder="bert",
+        bert_path=str(bert_folder),
+        **TINY,
+    )
+    train(options, log=lambda message: None)
+    groups = load_model(run / "last.pth").extra["optimizer"]["param_groups"]
+    assert [g["lr"] for g in groups] == [pytest.approx(1e-2), pytest.approx(1e-3)]
+    shutil.rmtree(bert_folder)  # the checkpoint carries the tokenizer and the BERT architecture
+    assert list(json.loads(evaluate(run, "--json"))) == ["full"]

@@ -33,14 +33,18 @@ def one_thread():
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("learnable")
-    captions = write_concept_cache(root / "cache", {"train": 32, "val": VAL_IMAGES}, feature_dim=16, num_boxes=6, shard_size=20)
+    captions = write_concept_cache(
+        root / "cache", {"train": 32, "val": VAL_IMAGES}, feature_dim=16, num_boxes=6, grid_size=3, shard_size=20
+    )
     captions.to_csv(root / "captions.csv", index=False)
     return root
 
 
 @pytest.fixture(scope="module")
 def four_epoch_run(dataset):
-    options = TrainOptions(caches=[str(dataset / "cache")], captions=str(dataset / "captions.csv"), output=str(dataset / "run4"), epochs=4, **TINY)
+    options = TrainOptions(
+        caches=[str(dataset / "cache")], captions=str(dataset / "captions.csv"), output=str(dataset / "run4"), epochs=4, **TINY
+    )
     train(options, log=lambda message: None)
     return dataset / "run4"
 
@@ -70,12 +74,29 @@ def test_training_learns_far_above_chance(four_epoch_run):
 
 def test_resume_reproduces_the_uninterrupted_run(dataset, four_epoch_run):
     run = dataset / "run2+2"
-    common = ["--cache", str(dataset / "cache"), "--captions", str(dataset / "captions.csv"), "-o", str(run), "--embed-size", "32",
-              "--word-dim", "32", "--batch-size", "32", "--lr", "1e-2", "--no-progress"]
+    common = [
+        "--cache",
+        str(dataset / "cache"),
+        "--captions",
+        str(dataset / "captions.csv"),
+        "-o",
+        str(run),
+        "--embed-size",
+        "32",
+        "--word-dim",
+        "32",
+        "--batch-size",
+        "32",
+        "--lr",
+        "1e-2",
+        "--no-progress",
+    ]
     first = CliRunner().invoke(train_command, common + ["--epochs", "2", "--workers", "2"], catch_exceptions=False)
     assert "best validation rSum" in first.output
     assert len(read_metrics(run)) == 2
-    resumed = CliRunner().invoke(train_command, ["-o", str(run), "--resume", "--epochs", "4", "--workers", "0", "--no-progress"], catch_exceptions=False)
+    resumed = CliRunner().invoke(
+        train_command, ["-o", str(run), "--resume", "--epochs", "4", "--workers", "0", "--no-progress"], catch_exceptions=False
+    )
     assert resumed.exit_code == 0
     assert read_metrics(run) == read_metrics(four_epoch_run)
     ours, theirs = load_model(run / "last.pth"), load_model(four_epoch_run / "last.pth")
@@ -96,16 +117,45 @@ def test_resume_keeps_the_recipe_and_fresh_runs_do_not_overwrite(dataset, four_e
         CliRunner().invoke(train_command, ["-o", str(dataset / "x")], catch_exceptions=False)
 
 
+def test_grid_model_trains_from_memory(dataset):
+    run = dataset / "grid"
+    options = TrainOptions(
+        caches=[str(dataset / "cache")], captions=str(dataset / "captions.csv"), output=str(run), level="grid", epochs=1, **TINY
+    )
+    options.in_memory = True
+    train(options, log=lambda message: None)
+    loaded = load_model(run / "last.pth")
+    assert loaded.config.level == "grid" and loaded.config.region_dim == 16
+    assert read_metrics(run)[0]["val"]["rsum"] > 0
+
+
 def test_recipe_defaults_are_the_papers():
     options = TrainOptions(caches=[], captions="", output="")
     assert (options.lr, options.bert_lr_factor, options.weight_decay, options.epochs, options.lr_update) == (5e-4, 0.1, 1e-4, 25, 15)
-    assert (options.batch_size, options.grad_clip, options.margin, options.max_violation_after, options.region_dropout) == (256, 2.0, 0.2, 1, 0.2)
+    assert (options.batch_size, options.grad_clip, options.margin, options.max_violation_after, options.region_dropout) == (
+        256,
+        2.0,
+        0.2,
+        1,
+        0.2,
+    )
 
 
 def test_bert_weights_get_a_tenth_of_the_learning_rate():
-    architecture = dict(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                        hidden_act="gelu", max_position_embeddings=32, type_vocab_size=2, layer_norm_eps=1e-12,
-                        hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, pad_token_id=0)
+    architecture = dict(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        hidden_act="gelu",
+        max_position_embeddings=32,
+        type_vocab_size=2,
+        layer_norm_eps=1e-12,
+        hidden_dropout_prob=0.1,
+        attention_probs_dropout_prob=0.1,
+        pad_token_id=0,
+    )
     model = build_model(ModelConfig(embed_size=16, region_dim=8, text_encoder="bert", bert_config=architecture))
     head, bert = parameter_groups(model, 5e-4, 0.1)
     assert head["lr"] == 5e-4 and bert["lr"] == pytest.approx(5e-5)

@@ -30,8 +30,8 @@ from .captions import CaptionSet, match_images
 
 LEVEL_STAGES = {"region": ("regions", "layout"), "grid": ("grid", "layout")}
 REGION_DROPOUT = 0.2
-_RAM_HEADROOM = 0.8
-_VARIABLE_LEADING_DIMS = {"features": 1, "boxes": 1, "grid": 2}  # share of available memory that --in-memory may fill
+_RAM_HEADROOM = 0.8  # share of the available memory that --in-memory may fill
+_VARIABLE_LEADING_DIMS = {"features": 1, "boxes": 1, "grid": 2}  # box count / grid size may differ between caches
 
 
 @dataclass
@@ -65,7 +65,11 @@ class FeatureIndex:
             shards = cache.done_shards(stage)
             if not shards:
                 continue
-            table = cache.stage_table(stage)[["image_id", "shard", "row", "status", "error"]]
+            table = cache.stage_table(stage)
+            if "num_boxes" in table:  # a model input needs at least one region
+                empty = (table["status"] == "ok") & (table["num_boxes"] == 0)
+                table.loc[empty, ["status", "error"]] = ["empty", "no region detected"]
+            table = table[["image_id", "shard", "row", "status", "error"]]
             file_index = {shard: len(files) + i for i, shard in enumerate(shards)}
             files.extend(str(cache.array_path(stage, shard)) for shard in shards)
             frames.append(table.assign(file=table["shard"].map(file_index)))
@@ -79,10 +83,8 @@ class FeatureIndex:
         table["image_id"] = table["image_id"].astype(str)
         table = table.iloc[np.argsort((table["status"] != "ok").to_numpy(), kind="stable")]
         table = table.drop_duplicates("image_id", keep="first")
-        ok = table[table["status"] == "ok"]
-        problems = {
-            i: f"{stage}: {e or 'failed'}" for i, e in zip(table.loc[table["status"] != "ok", "image_id"], table.loc[table["status"] != "ok", "error"])
-        }
+        ok, failed = table[table["status"] == "ok"], table[table["status"] != "ok"]
+        problems = {i: f"{stage}: {e or 'failed'}" for i, e in zip(failed["image_id"], failed["error"])}
         present = set(table["image_id"])
         problems.update({i: f"{stage}: not extracted" for i in self.image_ids if i not in present})
         return StageLocations(
@@ -160,7 +162,8 @@ class FeatureReader:
         self.token_stage = "regions" if level == "region" else "grid"
         self.files, self.file_index, self.rows = files, file_index, rows
         self.memory: dict[str, np.ndarray] | None = None
-        self._handles: dict[str, h5py.File] = {}
+        self._files: dict[str, h5py.File] = {}
+        self._datasets: dict[str, dict[str, h5py.Dataset]] = {}  # per file: its datasets by name
         self._pid = os.getpid()
 
     def __len__(self) -> int:
@@ -168,17 +171,20 @@ class FeatureReader:
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_handles"] = {}
+        state["_files"], state["_datasets"] = {}, {}
         return state
 
-    def _file(self, stage: str, i: int) -> h5py.File:
+    def _open(self, stage: str, i: int) -> dict[str, h5py.Dataset]:
+        """The datasets of the file holding image ``i`` of ``stage``, opened once per process
+        (looking a dataset up by name costs as much as reading a small one)."""
         if self._pid != os.getpid():  # a forked worker: never use the parent's handles
-            self._handles, self._pid = {}, os.getpid()
+            self._files, self._datasets, self._pid = {}, {}, os.getpid()
         path = self.files[stage][self.file_index[stage][i]]
-        handle = self._handles.get(path)
-        if handle is None:
-            handle = self._handles[path] = h5py.File(path, "r")
-        return handle
+        datasets = self._datasets.get(path)
+        if datasets is None:
+            h5 = self._files[path] = h5py.File(path, "r")
+            datasets = self._datasets[path] = {name: h5[name] for name in h5}
+        return datasets
 
     def read(self, i: int) -> dict[str, np.ndarray]:
         """``tokens`` [n, C] fp16 (the valid regions, or the valid grid cells row-major),
@@ -186,11 +192,11 @@ class FeatureReader:
         if self.memory is not None:
             start, stop = self.memory["token_offsets"][i : i + 2]
             return {"tokens": self.memory["tokens"][start:stop], **{name: self.memory[name][i] for name in self.LAYOUT}}
-        layout, row = self._file("layout", i), int(self.rows["layout"][i])
+        layout, row = self._open("layout", i), int(self.rows["layout"][i])
         return {"tokens": self._read_tokens(i), **{name: layout[name][row] for name in self.LAYOUT}}
 
     def _read_tokens(self, i: int) -> np.ndarray:
-        h5, row = self._file(self.token_stage, i), int(self.rows[self.token_stage][i])
+        h5, row = self._open(self.token_stage, i), int(self.rows[self.token_stage][i])
         if self.level == "region":
             return h5["features"][row, : int(h5["num_boxes"][row])]
         h, w = (int(v) for v in h5["valid_hw"][row])
@@ -250,9 +256,9 @@ class FeatureReader:
         self.memory = memory
 
     def close(self) -> None:
-        for handle in self._handles.values():
+        for handle in self._files.values():
             handle.close()
-        self._handles = {}
+        self._files, self._datasets = {}, {}
 
 
 def drop_regions(tokens: np.ndarray, rng: np.random.Generator, rate: float = REGION_DROPOUT) -> np.ndarray:
@@ -336,18 +342,20 @@ class EpochBatchSampler(Sampler):
 
 
 def collate_images(images: Sequence[dict]) -> dict[str, torch.Tensor]:
-    """The model's image batch: ``regions`` [B,R,C] zero-padded float, ``lengths`` [B] and the layout."""
+    """The model's image batch: ``regions`` [B,R,C] zero-padded, ``lengths`` [B] and the layout.
+
+    Features stay fp16 and maps uint8, as cached: a quarter to a half of the bytes to collate and
+    move to the GPU; the image encoder converts them to float32 on its device.
+    """
     lengths = torch.tensor([len(image["tokens"]) for image in images], dtype=torch.long)
     width = images[0]["tokens"].shape[-1]
-    regions = np.zeros((len(images), max(int(lengths.max()), 1), width), dtype=np.float32)
+    regions = np.zeros((len(images), max(int(lengths.max()), 1), width), dtype=images[0]["tokens"].dtype)
     for i, image in enumerate(images):
         regions[i, : len(image["tokens"])] = image["tokens"]
     return {
         "regions": torch.from_numpy(regions),
         "lengths": lengths,
-        "seg_map": torch.from_numpy(np.stack([image["seg_map"] for image in images]).astype(np.float32)),
-        "cat_onehot": torch.from_numpy(np.stack([image["cat_onehot"] for image in images]).astype(np.float32)),
-        "seg_feat": torch.from_numpy(np.stack([image["seg_feat"] for image in images]).astype(np.float32)),
+        **{name: torch.from_numpy(np.stack([image[name] for image in images])) for name in FeatureReader.LAYOUT},
     }
 
 
@@ -418,4 +426,6 @@ def image_loader(reader: FeatureReader, batch_size: int, workers: int, pin_memor
 
 def caption_loader(captions: CaptionSet, tokenizer, batch_size: int) -> DataLoader:
     """Captions are tokenised in the main process: cheap next to encoding them."""
-    return DataLoader(CaptionItems(captions, tokenizer), batch_size=batch_size, collate_fn=CaptionCollate(tokenizer.pad_id), generator=_own_generator())
+    return DataLoader(
+        CaptionItems(captions, tokenizer), batch_size=batch_size, collate_fn=CaptionCollate(tokenizer.pad_id), generator=_own_generator()
+    )

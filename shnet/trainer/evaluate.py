@@ -66,7 +66,7 @@ def similarity_matrix(images: torch.Tensor, texts: torch.Tensor) -> np.ndarray:
 
 @dataclass
 class EvalRequest:
-    """What to evaluate on; None fields default to the (first) run's training options."""
+    """What to evaluate on; without ``captions`` / ``caches``, each run's own training data is used."""
 
     captions: str | None = None
     caches: Sequence[str] = ()
@@ -94,16 +94,19 @@ def _data_sources(loaded: LoadedModel, checkpoint: Path, request: EvalRequest) -
     return captions, caches
 
 
-def model_similarities(checkpoint: Path, request: EvalRequest, device: torch.device, log: Callable[[str], None]) -> tuple[np.ndarray, CaptionSet]:
+def model_similarities(
+    checkpoint: Path, request: EvalRequest, device: torch.device, log: Callable[[str], None]
+) -> tuple[np.ndarray, CaptionSet]:
     """One model's similarity matrix on the requested split (every image must have features)."""
     loaded = load_model(checkpoint, bert_path=request.bert_path, map_location=device)
     if loaded.tokenizer is None:
         raise ShnetError(f"{checkpoint} carries no tokenizer (a reference checkpoint); pass --bert-path with its bert-base-uncased folder")
     captions_path, caches = _data_sources(loaded, checkpoint, request)
-    index = FeatureIndex(caches, loaded.config.level)
-    if (index.feature_dim, index.num_classes) != (loaded.config.region_dim, loaded.config.num_classes):
+    config = loaded.config
+    index = FeatureIndex(caches, config.level)
+    if (index.feature_dim, index.num_classes) != (config.region_dim, config.num_classes):
         raise ShnetError(
-            f"{checkpoint} takes {loaded.config.region_dim}-d {loaded.config.level} features and {loaded.config.num_classes} classes; "
+            f"{checkpoint} takes {config.region_dim}-d {config.level} features and {config.num_classes} classes; "
             f"the caches ({', '.join(caches)}) give {index.feature_dim}-d and {index.num_classes}"
         )
     captions = match_split(select_split(read_captions(captions_path), request.split), index, "error", log)
@@ -118,32 +121,51 @@ def model_similarities(checkpoint: Path, request: EvalRequest, device: torch.dev
 def evaluate_checkpoints(paths: Sequence[str | Path], request: EvalRequest, log: Callable[[str], None] = print) -> Evaluation:
     """Evaluate one model, or the ensemble (mean similarity matrix) of several, on one split."""
     device = resolve_device(request.device)
-    total, reference = None, None
+    mean, reference = MeanMatrix(), None
     for path in paths:
         sims, captions = model_similarities(resolve_checkpoint(path), request, device, log)
         if reference is None:
-            total, reference = sims.astype(np.float64), captions
+            reference = captions
         elif captions.images != reference.images or captions.captions != reference.captions:
-            raise ShnetError(f"{path} was evaluated on other images or captions than {paths[0]}; an ensemble needs one caption file and split")
-        else:
-            total += sims
-    sims = (total / len(paths)).astype(np.float32)
+            raise ShnetError(
+                f"{path} was evaluated on other images or captions than {paths[0]}; an ensemble needs one caption file and split"
+            )
+        mean.add(sims, str(path))
+    sims = mean.value()
     return Evaluation(sims, reference, protocol_metrics(sims, request.protocol, reference.dataset))
+
+
+class MeanMatrix:
+    """The running mean of similarity matrices of one shape (float32, one matrix of extra memory)."""
+
+    def __init__(self):
+        self.total: np.ndarray | None = None
+        self.count, self.first = 0, ""
+
+    def add(self, sims: np.ndarray, name: str) -> None:
+        if self.total is None:
+            self.total, self.first = np.array(sims, dtype=np.float32), name
+        elif sims.shape != self.total.shape:
+            raise ShnetError(f"{name} has shape {sims.shape}, {self.first} has {self.total.shape}; ensembled matrices must match")
+        else:
+            self.total += sims
+        self.count += 1
+
+    def value(self) -> np.ndarray:
+        return self.total / np.float32(self.count)
 
 
 def load_similarities(paths: Sequence[str | Path]) -> np.ndarray:
     """The mean of saved similarity matrices (each images x captions, each image's captions consecutive)."""
-    total = None
+    mean = MeanMatrix()
     for path in paths:
         path = Path(path).expanduser()
         try:
             sims = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as exc:
             raise ShnetError(f"{path}: not a readable .npy similarity matrix ({exc})") from exc
-        if total is not None and sims.shape != total.shape:
-            raise ShnetError(f"{path} has shape {sims.shape}, {paths[0]} has {total.shape}; ensembled matrices must match")
-        total = sims.astype(np.float64) if total is None else total + sims
-    return (total / len(paths)).astype(np.float32)
+        mean.add(sims, str(path))
+    return mean.value()
 
 
 def save_similarities(path: str | Path, sims: np.ndarray) -> Path:
@@ -158,7 +180,7 @@ def save_similarities(path: str | Path, sims: np.ndarray) -> Path:
 def format_table(results: dict[str, dict], folds: bool = False) -> str:
     """A fixed-width table of the protocols (per-fold rows only with ``folds``)."""
     columns = ("R@1", "R@5", "R@10", "medr", "meanr")
-    header = f"{'protocol':<16}" + "".join(f"{'i2t ' + c:>11}" for c in columns) + "".join(f"{'t2i ' + c:>11}" for c in columns) + f"{'rSum':>9}"
+    header = f"{'protocol':<16}" + "".join(f"{d + ' ' + c:>11}" for d in ("i2t", "t2i") for c in columns) + f"{'rSum':>9}"
     lines = [header, "-" * len(header)]
     for name, result in results.items():
         if "/fold" in name and not folds:

@@ -62,7 +62,7 @@ def i2t_ranks(sims: np.ndarray, captions_per_image: int = CAPTIONS_PER_IMAGE) ->
 
 def t2i_ranks(sims: np.ndarray, captions_per_image: int = CAPTIONS_PER_IMAGE) -> np.ndarray:
     """Per caption: how many other images score >= its own image."""
-    n_images = check_similarity_shape(sims, captions_per_image)
+    check_similarity_shape(sims, captions_per_image)
     n_captions = sims.shape[1]
     ranks = np.empty(n_captions, dtype=np.int64)
     for start in range(0, n_captions, _CHUNK):

@@ -17,8 +17,22 @@ import pandas as pd
 from ..pipeline.store import write_stage
 
 CONCEPT_WORDS = (
-    "dog", "cat", "horse", "bicycle", "tree", "boat", "pizza", "clock",
-    "umbrella", "train", "kite", "bench", "river", "snow", "bridge", "guitar",
+    "dog",
+    "cat",
+    "horse",
+    "bicycle",
+    "tree",
+    "boat",
+    "pizza",
+    "clock",
+    "umbrella",
+    "train",
+    "kite",
+    "bench",
+    "river",
+    "snow",
+    "bridge",
+    "guitar",
 )
 OPENINGS = ("a photo of", "there is", "a picture showing", "in this image we see", "a view with")
 CONNECTORS = (" and ", " with ", " next to ", ", ")
@@ -70,20 +84,34 @@ def write_concept_cache(
             seg_map[i, 8:56, left:right] = classes[concept]
             cat_onehot[i, classes[concept]] = 1
             seg_feat[i, classes[concept], 1:6, 7 * stripe // len(present) : 7 * (stripe + 1) // len(present) + 1] = 1.0
-    write_stage(root, "regions", image_ids, {"features": features, "boxes": boxes, "num_boxes": counts.astype(np.int32)},
-                {"synthetic": True, "num_boxes": num_boxes}, table={"num_boxes": counts}, shard_size=shard_size)
-    write_stage(root, "layout", image_ids, {"seg_feat": seg_feat, "seg_map": seg_map, "cat_onehot": cat_onehot},
-                {"synthetic": True}, shard_size=shard_size)
+    write_stage(
+        root,
+        "regions",
+        image_ids,
+        {"features": features, "boxes": boxes, "num_boxes": counts.astype(np.int32)},
+        {"synthetic": True, "num_boxes": num_boxes},
+        table={"num_boxes": counts},
+        shard_size=shard_size,
+    )
+    write_stage(
+        root,
+        "layout",
+        image_ids,
+        {"seg_feat": seg_feat, "seg_map": seg_map, "cat_onehot": cat_onehot},
+        {"synthetic": True},
+        shard_size=shard_size,
+    )
     if grid_size:
         grid = np.zeros((n, grid_size, grid_size, feature_dim), dtype=np.float16)
         valid = np.zeros((n, 2), dtype=np.int16)
         for i, present in enumerate(concepts):
-            h, w = grid_size - int(rng.integers(0, 2)), grid_size - int(rng.integers(0, 2))
+            h, w = (max(1, grid_size - int(rng.integers(0, 2))) for _ in range(2))  # some grids padded
             columns = np.array([present[c * len(present) // w] for c in range(w)])
             grid[i, :h, :w] = prototypes[columns][None] + noise * rng.standard_normal((h, w, feature_dim))
             valid[i] = (h, w)
-        write_stage(root, "grid", image_ids, {"grid": grid, "valid_hw": valid}, {"synthetic": True, "grid_size": grid_size},
-                    shard_size=shard_size)
+        write_stage(
+            root, "grid", image_ids, {"grid": grid, "valid_hw": valid}, {"synthetic": True, "grid_size": grid_size}, shard_size=shard_size
+        )
 
     split_of = np.repeat(list(splits), list(splits.values()))
     rows = []

@@ -27,7 +27,7 @@ from torch import nn
 from ..errors import ShnetError
 from .captions import CaptionSet, read_captions, select_split
 from .checkpoint import load_model, save_checkpoint
-from .data import FeatureIndex, TrainPairs, match_split, train_loader
+from .data import FeatureIndex, FeatureReader, TrainPairs, match_split, train_loader
 from .device import autocast, resolve_device
 from .evaluate import encode_split, similarity_matrix
 from .loss import HingeTripletLoss
@@ -93,6 +93,8 @@ class TrainOptions:
                 raise ShnetError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
         if self.batch_size < 2:
             raise ShnetError("--batch-size must be at least 2 (the loss needs negatives in the batch)")
+        if self.workers < 0:
+            raise ShnetError(f"--workers must be 0 (load in the training process) or more (got {self.workers})")
         if not 0 <= self.region_dropout < 1:
             raise ShnetError(f"--region-dropout must lie in [0, 1) (got {self.region_dropout})")
         if self.text_encoder == "bert" and not self.bert_path:
@@ -110,11 +112,13 @@ def parameter_groups(model: SHNet, lr: float, bert_lr_factor: float) -> list[dic
 
 
 def rng_states() -> dict:
+    """The global random states, as tensors and plain values (a weights-only load reads them)."""
     numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"] = {"key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)), "pos": numpy_state["state"]["pos"]}
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {**numpy_state, "state": {"key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)), "pos": numpy_state["state"]["pos"]}},
+        "numpy": numpy_state,
         "python": random.getstate(),
     }
 
@@ -124,7 +128,7 @@ def restore_rng_states(states: dict) -> None:
     if states["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
     numpy_state = dict(states["numpy"])
-    numpy_state["state"] = {"key": states["numpy"]["state"]["key"].numpy().astype(np.uint32), "pos": states["numpy"]["state"]["pos"]}
+    numpy_state["state"] = {"key": numpy_state["state"]["key"].numpy().astype(np.uint32), "pos": numpy_state["state"]["pos"]}
     np.random.set_state(numpy_state)
     version, internal, gauss = states["python"]
     random.setstate((version, tuple(internal), gauss))
@@ -200,8 +204,8 @@ def plot_curves(records: list[dict], path: Path) -> None:
     tmp.replace(path)
 
 
-def validate(model: SHNet, index: FeatureIndex, captions: CaptionSet, tokenizer, options: TrainOptions, device: torch.device) -> dict:
-    images, texts = encode_split(model, index.reader(captions.images), captions, tokenizer, options.batch_size, options.workers, device)
+def validate(model: SHNet, reader: FeatureReader, captions: CaptionSet, tokenizer, options: TrainOptions, device: torch.device) -> dict:
+    images, texts = encode_split(model, reader, captions, tokenizer, options.batch_size, options.workers, device)
     return retrieval_metrics(similarity_matrix(images, texts))
 
 
@@ -240,10 +244,12 @@ def copy_atomically(source: Path, target: Path) -> None:
 def resumed_options(saved: dict, given: TrainOptions, explicit: set[str]) -> TrainOptions:
     """The saved recipe with the runtime options the user gave now; refuse other changed options."""
     options = TrainOptions.from_dict(saved)
-    changed = [name for name in sorted(explicit) if name not in RUNTIME_OPTIONS and getattr(given, name) != getattr(options, name)]
+    changed = [n for n in sorted(explicit) if n not in RUNTIME_OPTIONS and getattr(given, n) != getattr(options, n)]
     if changed:
         listing = ", ".join(f"--{n.replace('_', '-')} (run: {getattr(options, n)!r}, given: {getattr(given, n)!r})" for n in changed)
-        raise ShnetError(f"a resumed run keeps its recipe; these options differ from the run's: {listing}. Start a new --output to change them")
+        raise ShnetError(
+            f"a resumed run keeps its recipe; these options differ from the run's: {listing}. Start a new --output to change them"
+        )
     for name in RUNTIME_OPTIONS:
         if name in explicit or name == "output":
             setattr(options, name, getattr(given, name))
@@ -278,7 +284,10 @@ def train(options: TrainOptions, resume: bool = False, explicit: set[str] | None
     if resume:
         model, config, tokenizer = checkpoint.model, checkpoint.config, checkpoint.tokenizer
     else:
-        tokenizer = BertTokenizerAdapter.from_folder(options.bert_path) if options.text_encoder == "bert" else VocabularyTokenizer.build(train_set.captions)
+        if options.text_encoder == "bert":
+            tokenizer = BertTokenizerAdapter.from_folder(options.bert_path)
+        else:
+            tokenizer = VocabularyTokenizer.build(train_set.captions)
         config = ModelConfig(
             level=options.level,
             embed_size=options.embed_size,
@@ -297,7 +306,8 @@ def train(options: TrainOptions, resume: bool = False, explicit: set[str] | None
             f"the caches give {index.feature_dim}-d and {index.num_classes}"
         )
     model.to(device)
-    optimizer = torch.optim.AdamW(parameter_groups(model, options.lr, options.bert_lr_factor), lr=options.lr, weight_decay=options.weight_decay)
+    groups = parameter_groups(model, options.lr, options.bert_lr_factor)
+    optimizer = torch.optim.AdamW(groups, lr=options.lr, weight_decay=options.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[options.lr_update], gamma=options.lr_decay)
     start_epoch, best_rsum, best_epoch = 0, -math.inf, -1
     if resume:
@@ -306,13 +316,17 @@ def train(options: TrainOptions, resume: bool = False, explicit: set[str] | None
         scheduler.load_state_dict(extra["scheduler"])
         start_epoch, best_rsum, best_epoch = extra["epoch"] + 1, extra["best_rsum"], extra["best_epoch"]
         restore_rng_states(extra["rng"])
-        log(f"resuming {run_dir} at epoch {start_epoch} (best rSum {best_rsum:.2f} at epoch {best_epoch})")
+        if start_epoch >= options.epochs:
+            log(f"{run_dir} has finished its {options.epochs} epochs; pass a larger --epochs to train on")
+        else:
+            log(f"resuming {run_dir} at epoch {start_epoch} (best rSum {best_rsum:.2f} at epoch {best_epoch})")
 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / OPTIONS).write_text(json.dumps({"options": options.to_dict(), "model": config.to_dict()}, indent=2) + "\n")
-    reader = index.reader(train_set.images)
+    reader, val_reader = index.reader(train_set.images), index.reader(val_set.images)
     if options.in_memory:
         reader.load_in_memory()
+        val_reader.load_in_memory()
     pairs = TrainPairs(reader, train_set, tokenizer, options.seed, options.region_dropout)
     loader = train_loader(pairs, options.batch_size, options.workers, options.seed, pin_memory=device.type == "cuda")
     loss_fn = HingeTripletLoss(options.margin)
@@ -327,7 +341,7 @@ def train(options: TrainOptions, resume: bool = False, explicit: set[str] | None
             hardest = epoch >= options.max_violation_after
             lr = optimizer.param_groups[0]["lr"]
             train_loss = train_one_epoch(model, loader, optimizer, loss_fn, hardest, options, device, epoch)
-            val = validate(model, index, val_set, tokenizer, options, device)
+            val = validate(model, val_reader, val_set, tokenizer, options, device)
             scheduler.step()
             is_best = val["rsum"] > best_rsum
             if is_best:
@@ -363,4 +377,5 @@ def train(options: TrainOptions, resume: bool = False, explicit: set[str] | None
     finally:
         run_log.close()
         reader.close()
+        val_reader.close()
     return {"run_dir": str(run_dir), "best_rsum": best_rsum, "best_epoch": best_epoch, "epochs": options.epochs}
