@@ -65,3 +65,14 @@ def mixed_dir(tmp_path_factory) -> Path:
     write_photos(folder)
     write_bad_files(folder / "bad")
     return folder
+
+
+@pytest.fixture(scope="module")
+def single_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine they lose 10x."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -24,12 +24,7 @@ TEST_IMAGES = 16
 TINY = dict(embed_size=32, word_dim=32, batch_size=32, lr=1e-2, epochs=1, workers=0, progress=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="module")
