@@ -37,6 +37,15 @@ def file_sha256(path: str | Path) -> str:
     return _SHA_CACHE[key]
 
 
+def weights_identity(weights: str | Path | None) -> str:
+    """What identifies a stage's weights in its config: the file's sha256, ``random-init``, or ``""``."""
+    if weights is None:
+        return ""
+    if weights == "random":
+        return "random-init"
+    return file_sha256(weights)
+
+
 class _ArraysOnlyUnpickler(pickle.Unpickler):
     """Admits numpy arrays/scalars and builtin containers; refuses every other global."""
 

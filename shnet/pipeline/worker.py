@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 
@@ -16,6 +17,7 @@ from .store import Cache, ShardWriter, config_hash
 
 _MODELS: dict[tuple, object] = {}
 _MODELS_LOCK = threading.Lock()
+_WORKER_DEVICE: dict[str, str] = {}
 
 
 def setup_process(torch_threads: int, device: str, worker_name=None) -> str:
@@ -32,7 +34,7 @@ def setup_process(torch_threads: int, device: str, worker_name=None) -> str:
         index = int(worker_name) % torch.cuda.device_count() if str(worker_name).isdigit() else 0
         torch.cuda.set_device(index)
         device = f"cuda:{index}"
-    os.environ["SHNET_WORKER_DEVICE"] = device
+    _WORKER_DEVICE["cuda"] = device
     return device
 
 
@@ -53,7 +55,8 @@ class WorkerSetup(WorkerPlugin):
 
 
 def worker_device(requested: str) -> str:
-    return os.environ.get("SHNET_WORKER_DEVICE", requested) if requested == "cuda" else requested
+    """``cuda`` becomes the GPU this worker process was given at setup (``cuda:N``)."""
+    return _WORKER_DEVICE.get(requested, requested)
 
 
 def cached_model(stage_name: str, config: dict, device: str):
@@ -123,7 +126,7 @@ def library_versions() -> dict:
 
     versions = {"shnet": __version__, "torch": torch.__version__, "numpy": numpy.__version__, "h5py": h5py.__version__}
     for name in ("torchvision", "timm", "cv2"):
-        module = __import__("sys").modules.get(name)
+        module = sys.modules.get(name)
         if module is not None:
             versions[name] = getattr(module, "__version__", "")
     return versions

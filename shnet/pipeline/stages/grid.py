@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ...checkpoints import file_sha256
+from ...checkpoints import weights_identity
 from ...errors import ShnetError
 from .base import ArraySpec, ImageStage, StageOutput
 from .devices import autocast_for, to_device
@@ -29,7 +29,7 @@ class GridStage(ImageStage):
         if size < 32 or size % 32:
             raise ShnetError(f"grid.input_size must be a multiple of 32 of at least 32 (got {size})")
         config["input_size"] = size
-        config["weights_sha256"] = _weights_identity(config["weights"], "grid")
+        config["weights_sha256"] = weights_identity(config["weights"])
         return config
 
     def load(self, config, device):
@@ -63,10 +63,3 @@ class GridStage(ImageStage):
         grid = features.permute(0, 2, 3, 1).to(torch.float16).cpu().numpy()
         return StageOutput(arrays={"grid": grid, "valid_hw": valid})
 
-
-def _weights_identity(weights, stage: str) -> str:
-    if weights is None:
-        return ""
-    if weights == "random":
-        return "random-init"
-    return file_sha256(weights)

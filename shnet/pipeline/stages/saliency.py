@@ -9,10 +9,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ...checkpoints import weights_identity
 from ...errors import ShnetError
 from .base import ArraySpec, ImageStage, StageOutput
 from .devices import autocast_for, to_device
-from .grid import _weights_identity
 
 BACKENDS = ("spectral_residual", "msinet")
 
@@ -33,7 +33,7 @@ class SaliencyStage(ImageStage):
                 raise ShnetError("saliency.backend=msinet needs local weights: --set saliency.weights=/path/to/msinet.pth")
         elif config["weights"] is not None:
             raise ShnetError("saliency.weights is only used by saliency.backend=msinet")
-        config["weights_sha256"] = _weights_identity(config["weights"], "saliency")
+        config["weights_sha256"] = weights_identity(config["weights"])
         return config
 
     def load(self, config, device):
