@@ -218,3 +218,26 @@ def test_ops_work_inside_dask_worker_processes():
     assert keep == [0, 2]
     assert pooled == pytest.approx(5.0)
     assert fallback == using_fallback_ops()
+
+
+def test_nothing_is_registered_when_the_extension_loads():
+    """Where torchvision's own kernels load, ensure_torchvision must change nothing: simulate that
+    verdict in a fresh interpreter and check no operator was defined by shnet."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, shnet.torchvision_compat as c\n"
+        "c._extension_loads = lambda: True\n"
+        "try:\n"
+        "    c.ensure_torchvision()\n"
+        "except RuntimeError as exc:\n"
+        "    print('import failed:', exc)\n"
+        "print('library', c._STATE['library'], 'fallback', c._STATE['fallback'])\n"
+        "print('nms kernel', torch._C._dispatch_has_kernel('torchvision::nms'))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
+    assert "library None fallback False" in out
+    if using_fallback_ops():  # this machine's torchvision cannot load without shnet's help
+        assert "operator torchvision::nms does not exist" in out
+        assert "nms kernel False" in out
