@@ -103,8 +103,8 @@ def inspect(cache, image_id, errors, as_json):
     from rich.console import Console
     from rich.table import Table
 
-    from .pipeline.inspect import describe_image, summarise_cache
-    from .pipeline.store import Cache
+    from .cache.inspect import describe_image, summarise_cache
+    from .cache.store import Cache
 
     store = Cache(cache)
     console = Console()
@@ -145,8 +145,8 @@ def inspect(cache, image_id, errors, as_json):
 @click.argument("cache", type=click.Path(exists=True, file_okay=False))
 def verify(cache):
     """Open every shard and check shapes and row counts against the tables; exit 1 on any problem."""
-    from .pipeline.inspect import verify_cache
-    from .pipeline.store import Cache
+    from .cache.inspect import verify_cache
+    from .cache.store import Cache
 
     result = verify_cache(Cache(cache))
     for warning in result.warnings:

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 from shnet.checkpoints import file_sha256
 from shnet.cli import main
-from shnet.pipeline.store import Cache, CacheLock
+from shnet.cache import Cache, CacheLock
 
 SMOKE = ["--profile", "smoke", "--set", "grid.input_size=64", "--set", "saliency.resolution=32"]
 SHNET = [sys.executable, "-m", "shnet"]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from shnet.errors import ShnetError
-from shnet.pipeline.store import Cache, write_stage
+from shnet.cache import Cache, write_stage
 from shnet.trainer.captions import match_images, read_captions, select_split
 from shnet.trainer.data import (
     FeatureIndex,

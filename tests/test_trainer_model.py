@@ -54,8 +54,10 @@ def ref_batchnorm(x, p, name):
 
 
 def ref_mlp(x, p, name):
+    """The reference MLP: BatchNorm after the hidden layer only; ``bns.1`` is in the state dict but
+    the published forward never applies it."""
     hidden = torch.relu(ref_batchnorm(ref_linear(x, p, f"{name}.layers.0"), p, f"{name}.bns.0"))
-    return ref_batchnorm(ref_linear(hidden, p, f"{name}.layers.1"), p, f"{name}.bns.1")
+    return ref_linear(hidden, p, f"{name}.layers.1")
 
 
 def ref_class_embedding(x, p, linear, norm):
@@ -430,3 +432,21 @@ def test_bert_augmentation_treats_word_pieces_of_a_word_together(tmp_path):
     total = 40 * 300
     for name, share, tolerance in (("kept", 0.80, 0.02), ("masked", 0.10, 0.015), ("random", 0.02, 0.007), ("deleted", 0.08, 0.015)):
         assert abs(counts[name] / total - share) < tolerance, (name, counts[name] / total)
+
+
+def test_the_last_batchnorm_of_every_mlp_is_kept_but_never_applied(encoder):
+    """The published MLP never applies ``bns.1``: changing its statistics must change no embedding
+    (identity statistics would hide the difference, so they are randomised here)."""
+    batch = image_batch([4, 2], num_regions=4, seed=5)
+    altered = ImageEncoder(region_dim=REGION_DIM, embed_size=EMBED).eval()
+    altered.load_state_dict(encoder.state_dict())
+    gen = torch.Generator().manual_seed(9)
+    last_norms = [name for name, _ in altered.named_modules() if name.endswith("bns.1")]
+    assert len(last_norms) == 7 and all(f"{name}.running_var" in encoder.state_dict() for name in last_norms)
+    for name in last_norms:
+        norm = altered.get_submodule(name)
+        norm.running_mean.copy_(3 * torch.randn(norm.num_features, generator=gen))
+        norm.running_var.copy_(4 * torch.rand(norm.num_features, generator=gen) + 0.1)
+        norm.weight.data.copy_(torch.randn(norm.num_features, generator=gen))
+    with torch.no_grad():
+        torch.testing.assert_close(altered(**batch), encoder(**batch), atol=0, rtol=0)

@@ -22,7 +22,7 @@ from .images import discover_images
 from .profiles import apply_overrides, load_profile
 from .stages import get_stage, user_stages, with_dependencies
 from .stages.base import ShardJob
-from .store import (
+from ..cache.store import (
     CACHE_RECORD,
     IMAGES_TABLE,
     LOCK_FILE,
@@ -98,7 +98,10 @@ def resolve_configs(request: ExtractRequest) -> tuple[list[str], dict[str, dict]
         raise ShnetError(f"unknown stage(s) in profile/--set: {', '.join(unknown)}; available stages: {', '.join(user_stages())}")
     requested = request.stages or [name for name in user_stages() if name in profile["stages"]]
     stages = with_dependencies(requested)
-    return stages, {name: get_stage(name).resolve_config(options.get(name) or {}) for name in stages}
+    configs = {name: get_stage(name).resolve_config(options.get(name) or {}) for name in stages}
+    for name in stages:
+        get_stage(name).check(configs[name])
+    return stages, configs
 
 
 def open_or_create_cache(root: str, images: pd.DataFrame, image_dirs: list[str], shard_size: int | None) -> Cache:

@@ -13,7 +13,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from ..errors import ShnetError
 from .stages import get_stage
 from .stages.base import ShardJob
-from .store import Cache, ShardWriter, config_hash
+from ..cache.store import Cache, ShardWriter, config_hash
 
 _MODELS: dict[tuple, object] = {}
 _MODELS_LOCK = threading.Lock()

@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import ShnetError
-from ..pipeline.store import Cache
+from ..cache import Cache
 from .captions import CaptionSet, match_images
 
 LEVEL_STAGES = {"region": ("regions", "layout"), "grid": ("grid", "layout")}

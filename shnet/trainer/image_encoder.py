@@ -52,8 +52,11 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
 
 
 class MLP(nn.Module):
-    """Token-wise Linear -> BatchNorm1d -> ReLU -> Linear -> BatchNorm1d over [B, N, in_dim].
+    """Token-wise Linear -> BatchNorm1d -> ReLU -> Linear over [B, N, in_dim].
 
+    ``bns.1`` (BatchNorm1d(out_dim)) exists, as in the reference module and in every reference
+    checkpoint, but is never applied: the reference forward applies a BatchNorm after the non-final
+    layers only, and applying it would change the embeddings of every trained checkpoint.
     ``valid`` [B, N] restricts the train-mode BatchNorm statistics to valid tokens.
     """
 
@@ -67,8 +70,7 @@ class MLP(nn.Module):
         rows = valid.reshape(-1) if valid is not None else None
         x = x.reshape(batch * tokens, -1)
         x = F.relu(self.bns[0](self.layers[0](x), rows))
-        x = self.bns[1](self.layers[1](x), rows)
-        return x.view(batch, tokens, -1)
+        return self.layers[1](x).view(batch, tokens, -1)
 
 
 class SpatialTokens(nn.Module):

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..pipeline.store import write_stage
+from ..cache import write_stage
 
 CONCEPT_WORDS = (
     "dog",

@@ -1,7 +1,7 @@
 """What a stage is: its options, its dependencies, and how it turns one shard into arrays + a table.
 
 A stage never touches Dask or the cache layout itself: the runner hands it a :class:`ShardJob`
-and a :class:`~shnet.pipeline.store.ShardWriter`. Image stages subclass :class:`ImageStage`, which
+and a :class:`~shnet.cache.store.ShardWriter`. Image stages subclass :class:`ImageStage`, which
 streams the shard's decodable images through the model in batches, decoding the next batch in a
 background thread while the current one runs.
 """
@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from ...errors import ImageDecodeError, ShnetError
-from ..store import ShardWriter
+from ...cache.store import ShardWriter
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,11 @@ class Stage:
             valid = ", ".join(f"{self.name}.{k}" for k in sorted(self.defaults))
             raise ShnetError(f"unknown option(s) {', '.join(f'{self.name}.{k}' for k in unknown)}; valid options: {valid}")
         return {**self.defaults, **dict(options)}
+
+    def check(self, config: Mapping) -> None:
+        """Check, in the client and before any cluster starts, what the workers would otherwise find
+        too late: weights files read once and matched by name and shape against the model, label
+        maps, annotation folders. Raise :class:`ShnetError` naming the file and what to do."""
 
     def outputs(self, config: Mapping, model: Any) -> dict[str, ArraySpec]:
         raise NotImplementedError

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from ...errors import ImageDecodeError
-from ..store import ShardWriter
+from ...cache.store import ShardWriter
 from .base import ArraySpec, ShardJob, Stage
 
 

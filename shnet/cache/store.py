@@ -9,9 +9,11 @@ Layout of one cache directory::
     <stage>/00000.h5            arrays of shard 0: one dataset per output, first axis = row
     <stage>/table/00000.parquet one row per image of shard 0: image_id, row, status, error,
                                 seconds and the stage's scalars
+    <stage>/<name>/00000.parquet a stage's further tables (e.g. panoptic/segments: many rows per image)
     <stage>/00000.done          written last: the shard is complete
 
-Read every shard's table of a stage as one frame with ``pd.read_parquet("<cache>/<stage>/table")``.
+Read every shard's table of a stage as one frame with ``pd.read_parquet("<cache>/<stage>/table")``
+(and a further table with ``pd.read_parquet("<cache>/<stage>/<name>")``).
 
 A shard is written under temporary names, flushed and renamed into place, and only then gets its
 done marker; a reader that goes by done markers never sees a partial shard, and an interrupted
@@ -120,8 +122,8 @@ class Cache:
     def array_path(self, stage: str, shard: int) -> Path:
         return self.stage_dir(stage) / f"{shard_stem(shard)}.h5"
 
-    def table_path(self, stage: str, shard: int) -> Path:
-        return self.stage_dir(stage) / "table" / f"{shard_stem(shard)}.parquet"
+    def table_path(self, stage: str, shard: int, table: str = "table") -> Path:
+        return self.stage_dir(stage) / table / f"{shard_stem(shard)}.parquet"
 
     def done_path(self, stage: str, shard: int) -> Path:
         return self.stage_dir(stage) / f"{shard_stem(shard)}.done"
@@ -141,12 +143,13 @@ class Cache:
     def done_marker(self, stage: str, shard: int) -> dict:
         return json.loads(self.done_path(stage, shard).read_text())
 
-    def stage_table(self, stage: str) -> pd.DataFrame:
-        """Every committed shard's table of ``stage`` as one frame, in image order."""
+    def stage_table(self, stage: str, table: str = "table") -> pd.DataFrame:
+        """Every committed shard's table of ``stage`` (or its further table ``table``) as one frame,
+        in image order."""
         shards = self.done_shards(stage)
         if not shards:
             raise CacheError(f"stage '{stage}' has no complete shard in {self.root}; run `shnet extract ... --stages {stage}`")
-        frames = [pd.read_parquet(self.table_path(stage, s)) for s in shards]
+        frames = [pd.read_parquet(self.table_path(stage, s, table)) for s in shards]
         return pd.concat(frames, ignore_index=True)
 
     def open_arrays(self, stage: str, shard: int) -> h5py.File:
@@ -239,6 +242,7 @@ class ShardWriter:
         self.h5.attrs["stage"] = stage
         self.h5.attrs["shard"] = shard
         self.h5.attrs["num_rows"] = num_rows
+        self.further_tables: dict[str, pd.DataFrame] = {}
         self.committed = False
 
     def create(self, name: str, item_shape: tuple, dtype, fill=0) -> h5py.Dataset:
@@ -254,6 +258,13 @@ class ShardWriter:
     def write(self, name: str, rows, values) -> None:
         self.h5[name][rows] = values
 
+    def add_table(self, name: str, frame: pd.DataFrame) -> None:
+        """A further table of this shard (any number of rows per image, e.g. one per segment),
+        published as ``<stage>/<name>/NNNNN.parquet`` at commit, before the done marker."""
+        if name == "table":
+            raise CacheError("internal: 'table' is the stage's own per-image table; name a further table otherwise")
+        self.further_tables[name] = frame.assign(shard=np.int32(self.shard))
+
     def commit(self, table: pd.DataFrame, summary: Mapping | None = None) -> None:
         if len(table) != self.num_rows:
             raise CacheError(f"internal: shard {self.shard} of '{self.stage}' has {len(table)} table rows for {self.num_rows} array rows")
@@ -263,6 +274,9 @@ class ShardWriter:
         with open(self.tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(self.tmp, self.final)
+        for name, frame in self.further_tables.items():
+            self.cache.table_path(self.stage, self.shard, name).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_parquet(self.cache.table_path(self.stage, self.shard, name), frame)
         atomic_write_parquet(self.cache.table_path(self.stage, self.shard), table)
         marker = {
             "stage": self.stage,

@@ -1,0 +1,32 @@
+"""The cache contract both halves of shnet share: the on-disk layout, atomic shard commits, the
+cache record, readers, inspect/verify (and, later, import/export of precomputed ``.npy`` sets).
+
+The pipeline writes caches through it and the trainer reads them through it; neither reaches into
+the other.
+"""
+
+from .store import (
+    CACHE_RECORD,
+    FORMAT_VERSION,
+    IMAGES_TABLE,
+    Cache,
+    CacheLock,
+    ShardWriter,
+    atomic_write_json,
+    atomic_write_parquet,
+    create_cache,
+    write_stage,
+)
+
+__all__ = [
+    "CACHE_RECORD",
+    "FORMAT_VERSION",
+    "IMAGES_TABLE",
+    "Cache",
+    "CacheLock",
+    "ShardWriter",
+    "atomic_write_json",
+    "atomic_write_parquet",
+    "create_cache",
+    "write_stage",
+]
