@@ -1,0 +1,1 @@
+"""``shnet demo``: synthetic captioned scenes, extracted, trained and evaluated end to end."""
