@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import io
 import pickle
+import pickletools
+import zipfile
 from pathlib import Path
 from typing import Mapping
 
@@ -43,7 +45,9 @@ def weights_identity(weights: str | Path | None) -> str:
         return ""
     if weights == "random":
         return "random-init"
-    return file_sha256(weights)
+    if not Path(weights).expanduser().exists():
+        raise ShnetError(f"weights not found: {weights} (weights are read from local files only; nothing is downloaded)")
+    return file_sha256(Path(weights).expanduser())
 
 
 class _ArraysOnlyUnpickler(pickle.Unpickler):
@@ -103,7 +107,10 @@ def load_weights_file(path: str | Path, extra_safe_globals: tuple = ()) -> objec
     if suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+            raise ShnetError(f"{path}: not a readable .safetensors file ({str(exc).splitlines()[0]}); copy or save it again") from exc
     if suffix == ".pkl":
         return load_pickle_arrays(path)
     try:
@@ -111,13 +118,59 @@ def load_weights_file(path: str | Path, extra_safe_globals: tuple = ()) -> objec
             with torch.serialization.safe_globals(list(extra_safe_globals)):
                 return torch.load(path, map_location="cpu", weights_only=True)
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise ShnetError(
-            f"{path}: refused to load: the file holds Python objects beyond tensors and plain containers "
-            f"({str(exc).splitlines()[0]}); re-save it as a plain state dict or .safetensors"
-        ) from exc
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise ShnetError(f"{path}: not a readable torch checkpoint ({str(exc).splitlines()[0]})") from exc
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise ShnetError(f"{path}: {describe_unloadable(path)}") from exc
+
+
+_TENSOR_GLOBAL_PREFIXES = ("torch.", "collections.OrderedDict", "builtins.", "_codecs.encode", "numpy.")
+
+
+def describe_unloadable(path: str | Path) -> str:
+    """What a file that torch's weights-only loader refused actually is, in shnet's words."""
+    path = Path(path)
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if not head:
+        return "the file is empty; copy the weights file again"
+    if head.startswith(b"PK"):
+        if not zipfile.is_zipfile(path):
+            return "a truncated or damaged torch checkpoint (its zip archive is incomplete); copy or save it again"
+        with zipfile.ZipFile(path) as archive:
+            names = [n for n in archive.namelist() if n.endswith("data.pkl")]
+            if not names:
+                return "a zip archive, but not a torch checkpoint (it has no data.pkl)"
+            payload = archive.read(names[0])
+    elif head[:1] == b"\x80":
+        payload = path.read_bytes()
+    else:
+        return (
+            f"not a checkpoint: neither a torch file, a pickle nor .safetensors (it starts with bytes {head.hex(' ')}); "
+            "give a .pth/.pt state dict, a .safetensors file, a detectron2 .pkl or a Hugging Face model folder"
+        )
+    try:
+        classes = sorted({g for g in _pickle_globals(payload) if not g.startswith(_TENSOR_GLOBAL_PREFIXES)})
+    except Exception:  # noqa: BLE001 - any parse failure means the pickle stream is cut short or damaged
+        return "a truncated or damaged pickle; copy or save the file again"
+    if classes:
+        return (
+            f"a pickle holding Python objects of {', '.join(classes[:8])}{' ...' if len(classes) > 8 else ''} beside "
+            "its tensors; shnet never runs code from weights files, so it refuses it: save the weights alone "
+            "(torch.save(model.state_dict(), 'weights.pth')) or as .safetensors"
+        )
+    return "a pickle that torch's weights-only loader cannot read; save the weights alone as a state dict or .safetensors"
+
+
+def _pickle_globals(payload: bytes) -> list[str]:
+    """The ``module.name`` of every class or function a pickle stream refers to (without loading it)."""
+    found, strings = [], []
+    for opcode, arg, _ in pickletools.genops(payload):
+        if opcode.name in ("GLOBAL", "INST"):
+            found.append(arg.replace(" ", "."))
+        elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+            found.append(f"{strings[-2]}.{strings[-1]}")
+        if isinstance(arg, str):
+            strings.append(arg)
+    return found
 
 
 def to_tensor_dict(state: Mapping) -> dict[str, torch.Tensor]:

@@ -40,17 +40,18 @@ def _csv(_ctx, _param, value):
 @click.option("--stages", callback=_csv, help="Comma-separated stages (default: those in the profile); needed stages are added.")
 @click.option("--profile", default="default", show_default=True, help="A shipped profile name or a YAML file.")
 @click.option("--set", "overrides", multiple=True, metavar="STAGE.KEY=VALUE", help="Override a stage option, e.g. grid.weights=/path/resnet152.pth.")
-@click.option("--workers", type=int, help="Worker processes of the embedded cluster (default: min(cores, 4); GPUs with --device cuda).")
-@click.option("--threads-per-worker", default=1, show_default=True, type=int, help="Concurrent tasks per worker.")
+@click.option("--workers", type=click.IntRange(min=1), help="Worker processes of the embedded cluster (default: min(cores, 4); GPUs with --device cuda).")
+@click.option("--threads-per-worker", default=1, show_default=True, type=click.IntRange(min=1), help="Concurrent tasks per worker.")
 @click.option("--scheduler", metavar="ADDRESS", help="Use an existing Dask cluster (tcp://host:8786) instead of the embedded one.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--shard-size", type=int, help="Images per shard (default 1000; fixed when the cache is created).")
-@click.option("--batch-size", default=8, show_default=True, type=int, help="Images per model call.")
+@click.option("--shard-size", type=click.IntRange(min=1), help="Images per shard (default 1000; fixed when the cache is created).")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1), help="Images per model call.")
 @click.option("--sample", is_flag=True, help="Extract the small sample image set bundled with shnet.")
 def extract(image_dirs, cache, stages, profile, overrides, workers, threads_per_worker, scheduler, device, shard_size, batch_size, sample):
     """Precompute features of every image in IMAGE_DIRS into the shard cache."""
     from rich.console import Console
 
+    from .cache import Cache
     from .pipeline.progress import summary_table
     from .pipeline.runner import ExtractRequest, run_extract
 
@@ -61,8 +62,6 @@ def extract(image_dirs, cache, stages, profile, overrides, workers, threads_per_
         dirs.append(str(sample_images_dir()))
     if not dirs:
         raise ShnetError("give at least one IMAGE_DIR (or --sample for the bundled sample images)")
-    if batch_size < 1:
-        raise ShnetError(f"--batch-size must be at least 1 (got {batch_size})")
     request = ExtractRequest(
         image_dirs=dirs,
         cache=cache,
@@ -90,7 +89,10 @@ def extract(image_dirs, cache, stages, profile, overrides, workers, threads_per_
         )
     if report.failed_shards:
         lines = "\n".join(f"  {stage} shard {shard}: {error}" for stage, shard, error in report.failed_shards)
-        raise ShnetError(f"{len(report.failed_shards)} shard(s) failed (completed shards are kept; re-run to retry):\n{lines}")
+        raise ShnetError(
+            f"{len(report.failed_shards)} shard(s) failed (completed shards are kept; re-run to retry):\n{lines}\n"
+            f"Full tracebacks: {Cache.error_log_path(report.cache)}"
+        )
 
 
 @main.command()

@@ -86,13 +86,18 @@ def test_each_worker_builds_each_model_once(mixed_cache):
     assert sum(m["model_built"] for m in markers) <= len({m["pid"] for m in markers}) <= 2
 
 
+def _snapshot(folder: Path) -> dict:
+    return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+
+
 def test_rerun_of_a_finished_cache_does_nothing(mixed_cache, mixed_dir):
     cache, _ = mixed_cache
-    before = {p: p.stat().st_mtime_ns for p in cache.rglob("*.h5")}
+    before = _snapshot(cache)
+    assert cache / "images.parquet" in before and cache / "cache.json" in before
     result = extract(mixed_dir, "-o", cache, *SMOKE)
     assert result.exit_code == 0
     assert "nothing to do" in result.output
-    assert before == {p: p.stat().st_mtime_ns for p in cache.rglob("*.h5")}
+    assert _snapshot(cache) == before, "a finished cache re-run must not touch a single file"
 
 
 def test_rerun_with_another_config_is_refused(mixed_cache, mixed_dir):
@@ -282,3 +287,52 @@ def test_learned_saliency_backend_with_local_weights(tmp_path):
     maps = [store.read("saliency", "saliency", i).astype(np.float32) for i in ("coffee", "rocket")]
     assert all(m.shape == (24, 24) and 0 <= m.min() and m.max() <= 1 and m.std() > 0 for m in maps)
     assert store.stage_config("saliency")["weights_sha256"] == file_sha256(weights)
+
+
+def test_a_bad_weights_file_is_refused_in_seconds_before_any_cluster_starts(photo_dir, tmp_path):
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(np.random.default_rng(0).bytes(4096))
+    cases = {
+        junk: "not a checkpoint",
+        tmp_path / "missing.pth": "weights not found",
+    }
+    import torch
+
+    wrong = tmp_path / "resnet18.pth"
+    torch.save({"conv1.weight": torch.zeros(3, 3, 3, 3)}, wrong)
+    cases[wrong] = "does not match grid model resnet50"
+    for weights, expected in cases.items():
+        cache = tmp_path / f"cache-{weights.stem}"
+        started = time.perf_counter()
+        result = CliRunner().invoke(main, ["extract", str(photo_dir), "-o", str(cache), *SMOKE, "--set", f"grid.weights={weights}"])
+        assert result.exit_code == 1 and expected in result.output, result.output
+        assert str(weights) in result.output and "weights_only" not in result.output
+        assert time.perf_counter() - started < 20
+        assert not cache.exists(), "nothing may be created before the config is known to be good"
+
+
+def test_counts_below_one_are_refused(photo_dir, tmp_path):
+    for flag in ("--workers", "--shard-size", "--batch-size", "--threads-per-worker"):
+        for value in ("0", "-2"):
+            result = CliRunner().invoke(main, ["extract", str(photo_dir), "-o", str(tmp_path / "c"), *SMOKE, flag, value])
+            assert result.exit_code == 2 and flag in result.output, result.output
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_failing_shard_is_one_line_and_its_traceback_goes_to_the_log(photo_dir, tmp_path):
+    cache = tmp_path / "failing"
+    first = extract(photo_dir, "-o", cache, *SMOKE, "--workers", 1, "--shard-size", 3, "--stages", "saliency")
+    assert first.exit_code == 0, first.output
+    (cache / "grid" / "00001.h5").mkdir(parents=True)  # the commit's rename onto it fails, for real
+    proc = subprocess.run([*SHNET, "extract", str(photo_dir), "-o", str(cache), *SMOKE, "--workers", "1", "--stages", "grid"],
+                          capture_output=True, text=True, timeout=300)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1
+    assert "1 shard(s) failed" in output and "grid shard 1: IsADirectoryError" in output, output
+    assert "Traceback" not in output and "Compute Failed" not in output, output
+    log = Cache.error_log_path(cache)
+    assert str(log) in output
+    text = log.read_text()
+    assert text.count("stage grid shard 1 attempt") == 3 and "Traceback (most recent call last)" in text
+    store = Cache(cache)
+    assert store.done_shards("grid") == [0, 2] and not list(cache.rglob("*.tmp-*"))

@@ -6,6 +6,7 @@ Layout of one cache directory::
     images.parquet              one row per image: image_id, path, width, height, bytes, shard, row,
                                 status (ok / error / pending), error
     .lock                       held (flock) by the one extract that may write the cache
+    logs/extract-errors.log     full tracebacks of failed shard attempts (the terminal shows one line)
     <stage>/00000.h5            arrays of shard 0: one dataset per output, first axis = row
     <stage>/table/00000.parquet one row per image of shard 0: image_id, row, status, error,
                                 seconds and the stage's scalars
@@ -43,6 +44,7 @@ FORMAT_VERSION = 1
 CACHE_RECORD = "cache.json"
 IMAGES_TABLE = "images.parquet"
 LOCK_FILE = ".lock"
+ERROR_LOG = "logs/extract-errors.log"
 IMAGE_COLUMNS = ["image_id", "path", "width", "height", "bytes", "shard", "row", "status", "error"]
 
 
@@ -110,6 +112,11 @@ class Cache:
 
     def save_record(self) -> None:
         atomic_write_json(self.root / CACHE_RECORD, self.record)
+
+    @staticmethod
+    def error_log_path(root: str | Path) -> Path:
+        """Where extract workers append the full traceback of every failed shard attempt."""
+        return Path(root) / ERROR_LOG
 
     # --- images -------------------------------------------------------------------------------
     def images(self) -> pd.DataFrame:
@@ -346,21 +353,31 @@ class CacheLock:
         self.release()
 
 
-def record_stage_config(cache: Cache, stage: str, config: Mapping, location_keys: Iterable[str] = ()) -> None:
-    """Record ``stage``'s config in the cache, or refuse if the cache holds it with another config.
+def stage_config_recorded(cache: Cache, stage: str, config: Mapping, location_keys: Iterable[str] = ()) -> bool:
+    """Whether the cache already records ``stage`` with this config (False: not recorded yet);
+    refuses when it records another config.
 
     ``location_keys`` (e.g. a weights path, whose content is identified by its sha256 instead) do
     not take part in the comparison.
     """
-    stages = cache.record.setdefault("stages", {})
-    skip = set(location_keys)
-    digest = config_hash({k: v for k, v in config.items() if k not in skip})
-    existing = stages.get(stage)
-    if existing is not None and existing["config_hash"] != digest:
-        raise CacheError(config_mismatch_message(cache.root, stage, existing["config"], dict(config)))
+    existing = cache.record.get("stages", {}).get(stage)
     if existing is None:
-        stages[stage] = {"config": dict(config), "config_hash": digest}
+        return False
+    if existing["config_hash"] != _stage_config_hash(config, location_keys):
+        raise CacheError(config_mismatch_message(cache.root, stage, existing["config"], dict(config)))
+    return True
+
+
+def record_stage_config(cache: Cache, stage: str, config: Mapping, location_keys: Iterable[str] = ()) -> None:
+    """Record ``stage``'s config in the cache, or refuse if the cache holds it with another config."""
+    if not stage_config_recorded(cache, stage, config, location_keys):
+        cache.record.setdefault("stages", {})[stage] = {"config": dict(config), "config_hash": _stage_config_hash(config, location_keys)}
         cache.save_record()
+
+
+def _stage_config_hash(config: Mapping, location_keys: Iterable[str]) -> str:
+    skip = set(location_keys)
+    return config_hash({k: v for k, v in config.items() if k not in skip})
 
 
 def config_mismatch_message(root: Path, stage: str, old: Mapping, new: Mapping) -> str:

@@ -37,10 +37,7 @@ def discover_images(roots: list[str | Path]) -> pd.DataFrame:
     and ``path`` (absolute), ``bytes``. Symbolic links are followed, each real directory is walked
     once (so link cycles end), and hidden files and directories are skipped.
     """
-    checked = [_checked_root(root) for root in roots]
-    if not checked:
-        raise ShnetError("no image folders given: name at least one folder to extract")
-    _refuse_overlapping_roots(checked)
+    checked = checked_roots(roots)
     rows = sorted(row for root in checked for row in _walk_root(root))
     if not rows:
         extensions = ", ".join(sorted(IMAGE_EXTENSIONS))
@@ -50,6 +47,15 @@ def discover_images(roots: list[str | Path]) -> pd.DataFrame:
         )
     _refuse_duplicate_ids(rows)
     return pd.DataFrame(rows, columns=["image_id", "root", "path", "bytes"])
+
+
+def checked_roots(roots) -> list[str]:
+    """The image folders as absolute paths, after refusing missing, non-folder and overlapping ones."""
+    checked = [_checked_root(root) for root in roots]
+    if not checked:
+        raise ShnetError("no image folders given: name at least one folder to extract")
+    _refuse_overlapping_roots(checked)
+    return checked
 
 
 def _checked_root(root: str | Path) -> str:

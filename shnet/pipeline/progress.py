@@ -52,8 +52,8 @@ class ExtractDisplay:
         done = self.progress.tasks[task].fields["shards_done"] + 1
         self.progress.update(task, advance=summary["images"], shards_done=done)
 
-    def shard_failed(self, stage: str, shard: int, exc: BaseException) -> None:
-        self.progress.console.print(f"[red]{stage} shard {shard} failed:[/red] {type(exc).__name__}: {exc}")
+    def shard_failed(self, stage: str, shard: int, error: str) -> None:
+        self.progress.console.print(f"[red]{stage} shard {shard} failed:[/red] {error}", markup=True, highlight=False)
 
     def stop(self) -> None:
         if self.progress is not None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from ..errors import CacheError, ShnetError
-from .images import discover_images
+from .images import checked_roots, discover_images
 from .profiles import apply_overrides, load_profile
 from .stages import get_stage, user_stages, with_dependencies
 from .stages.base import ShardJob
@@ -33,8 +33,9 @@ from ..cache.store import (
     image_list_digest,
     plan_shards,
     record_stage_config,
+    stage_config_recorded,
 )
-from .worker import WorkerSetup, run_shard
+from .worker import WorkerSetup, one_line, run_shard
 
 DEFAULT_SHARD_SIZE = 1000
 
@@ -89,6 +90,20 @@ class ExtractReport:
         return [f for t in self.tallies.values() for f in t.failed]
 
 
+def check_request(request: ExtractRequest) -> None:
+    """Refuse counts that make no sense instead of silently replacing them."""
+    for flag, value in (
+        ("--workers", request.workers),
+        ("--threads-per-worker", request.threads_per_worker),
+        ("--shard-size", request.shard_size),
+        ("--batch-size", request.batch_size),
+    ):
+        if value is not None and value < 1:
+            raise ShnetError(f"{flag} must be at least 1 (got {value})")
+    if request.device not in ("cpu", "cuda"):
+        raise ShnetError(f"--device must be cpu or cuda (got {request.device!r})")
+
+
 def resolve_configs(request: ExtractRequest) -> tuple[list[str], dict[str, dict]]:
     """The stages to run (with their needs) and each one's checked config."""
     profile = load_profile(request.profile)
@@ -107,24 +122,46 @@ def resolve_configs(request: ExtractRequest) -> tuple[list[str], dict[str, dict]
 def open_or_create_cache(root: str, images: pd.DataFrame, image_dirs: list[str], shard_size: int | None) -> Cache:
     """The existing cache after checking it was planned over the same images, or a new one."""
     if os.path.exists(os.path.join(root, CACHE_RECORD)):
-        cache = Cache(root)
-        if shard_size is not None and shard_size != cache.shard_size:
-            raise CacheError(
-                f"{cache.root} was planned with --shard-size {cache.shard_size}; re-run with that size (or omit it), "
-                "or extract into a new cache"
-            )
-        if image_list_digest(images["image_id"]) != cache.record["image_list_sha256"]:
-            planned = set(cache.images()["image_id"])
-            found = set(images["image_id"])
-            raise CacheError(
-                f"the image folders changed since {cache.root} was planned: {len(found - planned)} new, "
-                f"{len(planned - found)} missing (e.g. {sorted((found - planned) or (planned - found))[:3]}); "
-                "extract the new set into a new cache directory"
-            )
-        return cache
+        return open_existing_cache(root, images, shard_size)
     if os.path.exists(root) and any(entry.name != LOCK_FILE for entry in os.scandir(root)):
         raise CacheError(f"{root} exists, is not empty and is not a shnet cache; choose a new -o directory")
     return create_cache(root, images, shard_size or DEFAULT_SHARD_SIZE, image_dirs)
+
+
+def open_existing_cache(root: str, images: pd.DataFrame, shard_size: int | None) -> Cache:
+    """The cache at ``root`` after checking (read-only) that it was planned over the same images
+    and shard size."""
+    cache = Cache(root)
+    if shard_size is not None and shard_size != cache.shard_size:
+        raise CacheError(
+            f"{cache.root} was planned with --shard-size {cache.shard_size}; re-run with that size (or omit it), "
+            "or extract into a new cache"
+        )
+    if image_list_digest(images["image_id"]) != cache.record["image_list_sha256"]:
+        planned = set(cache.images()["image_id"])
+        found = set(images["image_id"])
+        raise CacheError(
+            f"the image folders changed since {cache.root} was planned: {len(found - planned)} new, "
+            f"{len(planned - found)} missing (e.g. {sorted((found - planned) or (planned - found))[:3]}); "
+            "extract the new set into a new cache directory"
+        )
+    return cache
+
+
+def finished_cache(root: str, images: pd.DataFrame, request: ExtractRequest, stages: list[str], configs: dict) -> Cache | None:
+    """The cache at ``root`` when this request has nothing left to do there (every stage recorded
+    with this config, every shard done, images.parquet up to date), found without writing anything
+    and without the lock, so that a finished cache on a read-only or synced filesystem stays
+    untouched. Refuses, as a run would, a cache planned otherwise or holding other configs."""
+    if not os.path.exists(os.path.join(root, CACHE_RECORD)):
+        return None
+    cache = open_existing_cache(root, images, request.shard_size)
+    recorded = [stage_config_recorded(cache, name, configs[name], get_stage(name).location_keys) for name in stages]
+    if not all(recorded) or not all(cache.is_stage_complete(name) for name in stages):
+        return None
+    current = cache.images()
+    expected = images_table(cache, plan_shards(images, cache.shard_size))
+    return cache if expected.equals(current[expected.columns]) and list(current.columns) == list(expected.columns) else None
 
 
 def run_extract(request: ExtractRequest, display=None) -> ExtractReport:
@@ -133,9 +170,22 @@ def run_extract(request: ExtractRequest, display=None) -> ExtractReport:
 
     display = display or ExtractDisplay()
     started = time.perf_counter()
+    check_request(request)
+    checked_roots(request.image_dirs)
     stages, configs = resolve_configs(request)
     images = discover_images(request.image_dirs)
     root = os.path.abspath(os.path.expanduser(request.cache))
+    done = finished_cache(root, images, request, stages, configs)
+    if done is not None:
+        return ExtractReport(
+            cache=str(done.root),
+            stages=stages,
+            tallies={name: StageTally(shards_total=done.num_shards, shards_skipped=done.num_shards) for name in stages},
+            num_images=len(images),
+            failed_images=int((done.images()["status"] == "error").sum()),
+            wall_seconds=time.perf_counter() - started,
+            nothing_to_do=True,
+        )
     with CacheLock(root):
         cache = open_or_create_cache(root, images, [os.path.abspath(d) for d in request.image_dirs], request.shard_size)
         for name in stages:
@@ -202,7 +252,6 @@ def _submit_and_collect(client, request, cache, planned, stages, configs, pendin
             job,
             *needs,
             key=f"shnet-{name}-{shard:05d}-{run_token}",
-            retries=2,
             pure=False,
             resources=resources if name != "probe" else None,
         )
@@ -210,12 +259,16 @@ def _submit_and_collect(client, request, cache, planned, stages, configs, pendin
     for future in as_completed(list(futures.values())):
         name, shard = owner[future.key]
         tally = tallies[name]
-        if future.status == "error":
-            exc = future.exception()
-            tally.failed.append((name, shard, f"{type(exc).__name__}: {exc}"))
-            display.shard_failed(name, shard, exc)
+        if future.status == "error":  # the task itself could not run (e.g. its worker kept dying)
+            error = one_line(future.exception())
+            tally.failed.append((name, shard, error))
+            display.shard_failed(name, shard, error)
             continue
         summary = future.result()
+        if summary.get("failed"):
+            tally.failed.append((name, shard, summary["error"]))
+            display.shard_failed(name, shard, summary["error"])
+            continue
         tally.shards_done += 1
         tally.images += summary["images"]
         tally.errors += summary.get("errors", 0)
@@ -227,7 +280,16 @@ def _submit_and_collect(client, request, cache, planned, stages, configs, pendin
 
 
 def _write_images_table(cache: Cache, planned: pd.DataFrame) -> None:
-    """images.parquet = the plan (current paths) + what the probe found, for every probed shard."""
+    """Bring images.parquet up to date (written only when its content changes)."""
+    frame = images_table(cache, planned)
+    current = cache.images()
+    if list(current.columns) == list(frame.columns) and frame.equals(current):
+        return
+    atomic_write_parquet(cache.root / IMAGES_TABLE, frame)
+
+
+def images_table(cache: Cache, planned: pd.DataFrame) -> pd.DataFrame:
+    """images.parquet's content: the plan (current paths) + what the probe found, for every probed shard."""
     frame = planned.copy()
     probed = cache.done_shards("probe")
     if probed:
@@ -238,7 +300,7 @@ def _write_images_table(cache: Cache, planned: pd.DataFrame) -> None:
         hit = frame["image_id"].isin(found.index)
         for column in ("status", "error", "width", "height"):
             frame.loc[hit, column] = found.loc[frame.loc[hit, "image_id"], column].to_numpy()
-    atomic_write_parquet(cache.root / IMAGES_TABLE, frame)
+    return frame
 
 
 def default_workers(device: str) -> int:
@@ -261,9 +323,7 @@ def dask_client(request: ExtractRequest, num_tasks: int):
     """A client on the embedded LocalCluster, or on the cluster at ``--scheduler``."""
     from dask.distributed import Client, LocalCluster
 
-    if request.device not in ("cpu", "cuda"):
-        raise ShnetError(f"--device must be cpu or cuda (got {request.device!r})")
-    threads = max(1, request.threads_per_worker)
+    threads = request.threads_per_worker
     if request.scheduler:
         try:
             client = Client(request.scheduler, timeout="20s")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import sys
 import threading
 import time
+import traceback
 
 import pandas as pd
 from distributed.diagnostics.plugin import WorkerPlugin
@@ -73,8 +76,48 @@ def cached_model(stage_name: str, config: dict, device: str):
 def run_shard(job: ShardJob, *dependencies) -> dict:
     """Process one (stage, shard) and commit it; returns a small summary for the progress display.
 
-    ``dependencies`` are the results of the tasks this one must follow (unused: the order is the point).
+    ``dependencies`` are the summaries of the tasks this one must follow (the stages it needs on the
+    same shard): when one of them failed, this one does not run. A failure is retried in this
+    process up to ``job.attempts`` times; every attempt's traceback goes to the cache's error log and
+    the summary carries one line, so no raw traceback reaches the user's terminal. (A worker process
+    that dies is another matter: the scheduler reruns its task on another worker.)
     """
+    failed_need = next((d for d in dependencies if isinstance(d, dict) and d.get("failed")), None)
+    if failed_need is not None:
+        return _failure(job, f"not run: stage '{failed_need['stage']}' failed on this shard", attempts=0)
+    for attempt in range(1, job.attempts + 1):
+        try:
+            return _run_shard_once(job)
+        except Exception as exc:  # noqa: BLE001 - reported as one line, the trace goes to the log
+            _log_failure(job, attempt, exc)
+            message = one_line(exc)
+    return _failure(job, message, attempts=job.attempts)
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line: its type (unless it is shnet's own) and the first line of its message."""
+    text = (str(exc).strip().splitlines() or [""])[0]
+    return text if isinstance(exc, ShnetError) else f"{type(exc).__name__}: {text}"
+
+
+def _failure(job: ShardJob, error: str, attempts: int) -> dict:
+    return {"stage": job.stage, "shard": job.shard, "failed": True, "error": error, "attempts": attempts, "images": 0}
+
+
+def _log_failure(job: ShardJob, attempt: int, exc: BaseException) -> None:
+    """Append the full traceback of a failed attempt to the cache's error log (one write per entry)."""
+    path = Cache.error_log_path(job.cache_root)
+    entry = (
+        f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} stage {job.stage} shard {job.shard} attempt {attempt}/{job.attempts} "
+        f"(pid {os.getpid()} on {socket.gethostname()})\n" + "".join(traceback.format_exception(exc)) + "\n"
+    )
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as fh:
+            fh.write(entry)
+
+
+def _run_shard_once(job: ShardJob) -> dict:
     start = time.perf_counter()
     started_at = time.time()
     cache = Cache(job.cache_root)

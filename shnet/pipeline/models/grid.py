@@ -87,26 +87,43 @@ class GridBackbone(nn.Module):
 
 def build_grid_backbone(model: str, weights: str | Path | None) -> GridBackbone:
     """The backbone ``model`` with ``weights`` (a local file, or ``"random"``), in eval mode."""
+    _require_weights(model, weights)
+    state = None if weights == RANDOM_WEIGHTS else read_state_dict(weights)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_SEED)
+        backbone = _architecture(model)
+    if state is not None:
+        backbone.net.load_state_dict(_matching_entries(backbone.net, state, str(weights), model), strict=False)
+    return backbone.eval()
+
+
+def check_grid_weights(model: str, weights: str | Path | None) -> None:
+    """What :func:`build_grid_backbone` would refuse, found without building the model for real:
+    the architecture is built on the meta device and the weights file is read once and matched."""
+    _require_weights(model, weights)
+    with torch.device("meta"):
+        backbone = _architecture(model)
+    if weights != RANDOM_WEIGHTS:
+        _matching_entries(backbone.net, read_state_dict(weights), str(weights), model)
+
+
+def _require_weights(model: str, weights) -> None:
     if weights is None:
         raise ShnetError(
             f"grid model {model} needs weights: pass --set grid.weights=/path/to/file.pth "
             f"(a local {model} state dict), or --set grid.weights=random for a random-init smoke run"
         )
-    state = None if weights == RANDOM_WEIGHTS else read_state_dict(weights)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(RANDOM_SEED)
-        if model.startswith(TIMM_PREFIX):
-            backbone = _timm_backbone(model)
-        elif model in TORCHVISION_ARCHITECTURES:
-            backbone = _torchvision_backbone(model)
-        else:
-            raise ShnetError(
-                f"unknown grid model {model!r}: use one of {', '.join(TORCHVISION_ARCHITECTURES)}, "
-                f"or timm:<name> for a timm CNN (e.g. timm:resnet152)"
-            )
-    if state is not None:
-        _load_ignoring_head(backbone.net, state, str(weights), model)
-    return backbone.eval()
+
+
+def _architecture(model: str) -> GridBackbone:
+    if model.startswith(TIMM_PREFIX):
+        return _timm_backbone(model)
+    if model in TORCHVISION_ARCHITECTURES:
+        return _torchvision_backbone(model)
+    raise ShnetError(
+        f"unknown grid model {model!r}: use one of {', '.join(TORCHVISION_ARCHITECTURES)}, "
+        f"or timm:<name> for a timm CNN (e.g. timm:resnet152)"
+    )
 
 
 def _torchvision_backbone(model: str) -> GridBackbone:
@@ -134,8 +151,8 @@ def _timm_backbone(model: str) -> GridBackbone:
     return GridBackbone(net, model, probe.shape[1], stride, cfg["mean"], cfg["std"])
 
 
-def _load_ignoring_head(net: nn.Module, state: dict[str, torch.Tensor], source: str, model: str) -> None:
-    """Load every non-head entry of ``state`` into ``net``, requiring names and shapes to match.
+def _matching_entries(net: nn.Module, state: dict[str, torch.Tensor], source: str, model: str) -> dict[str, torch.Tensor]:
+    """The non-head entries of ``state``, after requiring their names and shapes to match ``net``.
 
     Checkpoints saved before BatchNorm counted its batches lack ``num_batches_tracked``; that
     counter is unused at inference, so its absence is not a mismatch.
@@ -150,7 +167,7 @@ def _load_ignoring_head(net: nn.Module, state: dict[str, torch.Tensor], source: 
     report = mismatch_report(expected, loaded)
     if report:
         raise CheckpointMismatchError(f"{source} does not match grid model {model}:\n" + "\n".join(report))
-    net.load_state_dict(loaded, strict=False)
+    return loaded
 
 
 def _head_prefixes(net: nn.Module) -> tuple[str, ...]:

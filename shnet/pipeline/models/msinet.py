@@ -216,6 +216,16 @@ def _vgg16_feature_names() -> dict[str, str]:
     return names
 
 
+def check_msinet_weights(weights_path: str | Path) -> None:
+    """Read the weights file once and match its names and shapes to MSI-Net (built on the meta
+    device: nothing allocated), raising the named mismatch report."""
+    with torch.device("meta"):
+        expected = MSINet().state_dict()
+    report = mismatch_report(expected, read_state_dict(weights_path))
+    if report:
+        raise CheckpointMismatchError(f"{weights_path} does not match MSINet:\n" + "\n".join(report))
+
+
 def load_msinet(weights_path: str | Path) -> MSINet:
     """An MSI-Net in eval mode with the shnet-format state dict at ``weights_path`` (strict)."""
     model = MSINet()

@@ -40,6 +40,7 @@ class ShardJob:
     config: dict
     device: str = "cpu"
     batch_size: int = 8
+    attempts: int = 3  # tries of this (stage, shard) in one worker before it is reported failed
 
 
 @dataclass

@@ -32,6 +32,11 @@ class GridStage(ImageStage):
         config["weights_sha256"] = weights_identity(config["weights"])
         return config
 
+    def check(self, config):
+        from ..models.grid import check_grid_weights
+
+        check_grid_weights(config["model"], config["weights"])
+
     def load(self, config, device):
         from ..models.grid import build_grid_backbone
 

@@ -36,6 +36,12 @@ class SaliencyStage(ImageStage):
         config["weights_sha256"] = weights_identity(config["weights"])
         return config
 
+    def check(self, config):
+        if config["backend"] == "msinet":
+            from ..models.msinet import check_msinet_weights
+
+            check_msinet_weights(config["weights"])
+
     def load(self, config, device):
         if config["backend"] == "msinet":
             from ..models.msinet import load_msinet
