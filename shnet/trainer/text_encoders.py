@@ -266,6 +266,25 @@ def bert_architecture_from_weights(state: dict[str, torch.Tensor], prefix: str =
     return described
 
 
+def check_bert_folder(path: str | Path) -> None:
+    """Refuse, before any work starts, a ``--bert-path`` that is not a loadable local BERT folder:
+    missing, without a vocabulary, without config.json, or without weights."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise ShnetError(f"BERT folder not found: {folder} (a local bert-base-uncased folder; nothing is downloaded)")
+    needs = {
+        "a vocabulary (vocab.txt or tokenizer.json)": ("vocab.txt", "tokenizer.json"),
+        "config.json": ("config.json",),
+        "weights (model.safetensors or pytorch_model.bin)": ("model.safetensors", "pytorch_model.bin"),
+    }
+    missing = [what for what, names in needs.items() if not any((folder / name).is_file() for name in names)]
+    if missing:
+        raise ShnetError(
+            f"{folder} is not a BERT model folder: it lacks {', '.join(missing)}; save one with "
+            "BertModel.from_pretrained('bert-base-uncased').save_pretrained(DIR) and the tokenizer's save_pretrained(DIR)"
+        )
+
+
 def build_bert(architecture: dict | None = None, path: str | None = None) -> nn.Module:
     """A ``BertModel``: from ``architecture`` with untrained weights (to be loaded from a checkpoint),
     otherwise with the pretrained weights of the local folder ``path``."""

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..cache import Cache
 from ..errors import ShnetError
 from .captions import CaptionSet, read_captions, select_split
 from .checkpoint import load_model, save_checkpoint
@@ -33,7 +34,7 @@ from .evaluate import encode_split, similarity_matrix
 from .loss import HingeTripletLoss
 from .metrics import CAPTIONS_PER_IMAGE, RECALL_AT, retrieval_metrics
 from .model import ModelConfig, SHNet, build_model
-from .text_encoders import BertTextEncoder, BertTokenizerAdapter, VocabularyTokenizer
+from .text_encoders import BertTextEncoder, BertTokenizerAdapter, VocabularyTokenizer, check_bert_folder
 
 LAST, BEST, METRICS, OPTIONS, CURVES = "last.pth", "best.pth", "metrics.jsonl", "options.json", "curves.png"
 
@@ -99,6 +100,10 @@ class TrainOptions:
             raise ShnetError(f"--region-dropout must lie in [0, 1) (got {self.region_dropout})")
         if self.text_encoder == "bert" and not self.bert_path:
             raise ShnetError("--text-encoder bert needs --bert-path: a local bert-base-uncased folder")
+        if self.text_encoder == "bert":
+            check_bert_folder(self.bert_path)
+        for root in self.caches:
+            Cache(root)
 
 
 def parameter_groups(model: SHNet, lr: float, bert_lr_factor: float) -> list[dict]:
