@@ -1,0 +1,8 @@
+"""The bottom-up-attention Faster R-CNN (ResNet C4, Visual Genome heads), built natively on torch and
+torchvision ops with detectron2's parameter names, so both published checkpoints load by name.
+
+One module per job: ``conventions`` (the two published checkpoints' numerics), ``backbone`` (caffe
+ResNet + frozen BN), ``anchors``, ``box_coder``, ``rpn``, ``roi_heads``, ``selection`` (which boxes
+become "the" features), ``detector`` (assembly + preprocessing), ``checkpoint`` (name mapping and
+strict loading).
+"""

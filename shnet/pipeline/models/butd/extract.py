@@ -1,0 +1,86 @@
+"""One batch of prepared images -> each image's regions: features, boxes in original pixels, object
+and attribute predictions, chosen by the configured selection (or the given boxes, pooled as given)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import box_coder
+from .detector import BUTDDetector, PreparedImage
+from .selection import caffe_keep, d2_detections, max_class_confidence
+
+
+@dataclass(frozen=True)
+class SelectionOptions:
+    selection: str  # "caffe" | "d2"
+    min_boxes: int
+    max_boxes: int
+    conf_threshold: float
+    nms_iou: float
+    pre_nms_topk: int
+    post_nms_topk: int
+    rpn_nms_iou: float
+
+
+@dataclass
+class ImageRegions:
+    features: np.ndarray  # [n, 2048] float32
+    boxes: np.ndarray  # [n, 4] float32, original pixels
+    object_class: np.ndarray  # [n] index into the 1600 VG objects
+    object_score: np.ndarray
+    attr_class: np.ndarray  # [n] index into the 400 VG attributes
+    attr_score: np.ndarray
+
+
+def extract_regions(model: BUTDDetector, prepared: list[PreparedImage], options: SelectionOptions, autocast) -> list[ImageRegions]:
+    with torch.inference_mode():
+        with autocast:
+            features = model.features(model.batch(prepared))
+            if prepared[0].given_boxes is not None:
+                boxes = [torch.as_tensor(p.given_boxes, dtype=torch.float32, device=model.device) * p.scale for p in prepared]
+            else:
+                boxes = model.proposals(features, prepared, options.pre_nms_topk, options.post_nms_topk, options.rpn_nms_iou)
+            predictions = model.predict(features, boxes, prepared)
+        if prepared[0].given_boxes is not None:
+            return [_given(pred, p) for pred, p in zip(predictions, prepared)]
+        choose = _caffe if options.selection == "caffe" else _d2
+        return [choose(pred, b, p, options, model.convention.plus_one) for pred, b, p in zip(predictions, boxes, prepared)]
+
+
+def _regions(pred, index, boxes, object_class, object_score) -> ImageRegions:
+    attr_score, attr_class = pred.attr_probs[index].max(dim=1)
+    return ImageRegions(
+        pred.features[index].cpu().numpy(),
+        boxes.float().cpu().numpy(),
+        object_class.cpu().numpy(),
+        object_score.cpu().numpy(),
+        attr_class.cpu().numpy(),
+        attr_score.cpu().numpy(),
+    )
+
+
+def _caffe(pred, proposals, image: PreparedImage, options: SelectionOptions, plus_one: bool) -> ImageRegions:
+    """Boxes = the kept proposals divided by the image scale; NMS on those, as the extractor does."""
+    original = proposals.float() / image.scale
+    max_conf = max_class_confidence(original, pred.object_probs, options.nms_iou, plus_one)
+    keep = caffe_keep(max_conf, options.conf_threshold, options.min_boxes, options.max_boxes)
+    object_score, object_class = pred.object_probs[keep].max(dim=1)
+    return _regions(pred, keep, original[keep], object_class, object_score)
+
+
+def _d2(pred, proposals, image: PreparedImage, options: SelectionOptions, plus_one: bool) -> ImageRegions:
+    """Boxes = the detections' regressed boxes, rescaled per axis to the original image and clipped."""
+    found = d2_detections(pred.class_boxes, pred.object_probs, options.conf_threshold, options.max_boxes, options.nms_iou, plus_one)
+    (height, width), (resized_h, resized_w) = image.original_hw, image.resized_hw
+    scale = found.boxes.new_tensor([width / resized_w, height / resized_h, width / resized_w, height / resized_h])
+    boxes = box_coder.clip(found.boxes * scale, height, width, plus_one=False)
+    return _regions(pred, found.proposal, boxes, found.classes, found.scores)
+
+
+def _given(pred, image: PreparedImage) -> ImageRegions:
+    index = torch.arange(len(image.given_boxes), device=pred.features.device)
+    object_score, object_class = pred.object_probs.max(dim=1)
+    return _regions(pred, index, torch.as_tensor(image.given_boxes, dtype=torch.float32), object_class, object_score)
