@@ -6,9 +6,10 @@ from ...errors import ShnetError
 from .base import Stage
 from .grid import GridStage
 from .probe import ProbeStage
+from .regions import RegionsStage
 from .saliency import SaliencyStage
 
-STAGES: dict[str, Stage] = {stage.name: stage for stage in (ProbeStage(), GridStage(), SaliencyStage())}
+STAGES: dict[str, Stage] = {stage.name: stage for stage in (ProbeStage(), GridStage(), SaliencyStage(), RegionsStage())}
 
 
 def get_stage(name: str) -> Stage:
