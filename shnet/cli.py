@@ -176,3 +176,8 @@ def _register_trainer_commands() -> None:
 
 
 _register_trainer_commands()
+
+from .commands.npy_sets import export_command, import_command  # noqa: E402
+
+main.add_command(import_command, "import")
+main.add_command(export_command, "export")

@@ -1,0 +1,1 @@
+"""Click commands that join layers (each module registers in ``shnet.cli`` with one import)."""

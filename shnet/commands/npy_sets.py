@@ -1,0 +1,96 @@
+"""``shnet import`` and ``shnet export``: SCAN/3SHNet precomputed ``.npy`` sets to and from a cache.
+
+The layout knowledge lives in :mod:`shnet.cache.npy_sets`; this module parses options and, for an
+export driven by a caption file, turns that file's split into the ordered images and captions.
+"""
+
+from __future__ import annotations
+
+import click
+
+from ..cache import Cache
+from ..cache.npy_sets import DEFAULT_CAPTIONS_PER_IMAGE, ExportRequest, export_split, import_sets, imported_split
+from ..errors import ShnetError
+from ..trainer.captions import match_images, read_captions, select_split
+
+
+def _log(message: str) -> None:
+    click.echo(message, err=True)
+
+
+@click.command("import")
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.option("-o", "--output", "cache", required=True, type=click.Path(file_okay=False), help="New cache directory.")
+@click.option("--split", "splits", multiple=True, help="Import only this split (repeatable; default: every split in FOLDER).")
+@click.option(
+    "--captions-per-image",
+    type=click.IntRange(min=1),
+    default=DEFAULT_CAPTIONS_PER_IMAGE,
+    show_default=True,
+    help="Lines of {split}_caps.txt per image.",
+)
+@click.option("--shard-size", type=click.IntRange(min=1), default=1000, show_default=True, help="Images per shard of the new cache.")
+def import_command(folder, cache, splits, captions_per_image, shard_size) -> None:
+    """Import a SCAN/3SHNet precomputed set (FOLDER with {split}_ims.npy, {split}_segmentations.npy,
+    {split}_seg_maps.npy, {split}_cat_onehots.npy, {split}_caps.txt, {split}_ids.txt; any subset)
+    into a new cache with stages regions and layout and the captions, ready for `shnet train`."""
+    report = import_sets(folder, cache, splits, captions_per_image, shard_size, log=_log)
+    listing = ", ".join(f"{split} {count}" for split, count in report.splits.items())
+    click.echo(
+        f"{report.cache}: {report.images} images (splits: {listing}), stages: {', '.join(report.stages) or 'none'}, "
+        f"{report.captions} captions"
+    )
+
+
+@click.command("export")
+@click.argument("cache", type=click.Path(file_okay=False, exists=True))
+@click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False), help="Folder for the .npy and .txt files.")
+@click.option("--split", "splits", multiple=True, required=True, help="Split to export (repeatable).")
+@click.option(
+    "--captions",
+    type=click.Path(dir_okay=False, exists=True),
+    help="Karpathy JSON or CSV/Parquet (image_id, caption, split): the split's images, their order and captions "
+    "(default for an imported cache: its own).",
+)
+@click.option(
+    "--captions-per-image",
+    type=click.IntRange(min=1),
+    default=DEFAULT_CAPTIONS_PER_IMAGE,
+    show_default=True,
+    help="Captions per image in {split}_caps.txt (with --captions).",
+)
+def export_command(cache, out, splits, captions, captions_per_image) -> None:
+    """Export splits of CACHE as a SCAN/3SHNet precomputed set: {split}_ims.npy (stage regions),
+    {split}_segmentations.npy, {split}_seg_maps.npy, {split}_cat_onehots.npy (stage layout),
+    {split}_ids.txt and {split}_caps.txt, in the caption file's image order."""
+    opened = Cache(cache)
+    for split in splits:
+        request = captions_split(opened, captions, split, captions_per_image) if captions else imported_split(opened, split)
+        written = export_split(opened, request, out, log=_log)
+        click.echo(f"split '{split}': {len(request.image_ids)} images -> {', '.join(str(p) for p in written)}")
+
+
+def captions_split(cache: Cache, captions_path: str, split: str, captions_per_image: int) -> ExportRequest:
+    """``split`` of a caption file as an export request: its images (matched to the cache's ids) in
+    the file's order, each with exactly ``captions_per_image`` captions."""
+    captions = select_split(read_captions(captions_path), split)
+    match = match_images(captions.images, cache.images()["image_id"].astype(str))
+    if match.not_in_cache or match.ambiguous:
+        problems = [f"{len(match.not_in_cache)} not in the cache, e.g. {', '.join(match.not_in_cache[:5])}"] if match.not_in_cache else []
+        if match.ambiguous:
+            examples = "; ".join(f"{k} -> {' | '.join(v[:3])}" for k, v in list(match.ambiguous.items())[:5])
+            problems.append(f"{len(match.ambiguous)} matching several cache images by file name, e.g. {examples}")
+        raise ShnetError(
+            f"{len(match.not_in_cache) + len(match.ambiguous)} of {captions.num_images} images of split '{split}' in {captions_path} "
+            f"cannot be exported from {cache.root}: " + "; ".join(problems) + ". Extract them first (`shnet extract` resumes)."
+        )
+    counts = captions.captions_per_image()
+    wrong = [i for i, count in enumerate(counts) if count != captions_per_image]
+    if wrong:
+        examples = ", ".join(f"{captions.images[i]} ({counts[i]})" for i in wrong[:5])
+        raise ShnetError(
+            f"split '{split}' of {captions_path}: the precomputed layout needs {captions_per_image} captions per image, "
+            f"{len(wrong)} of {captions.num_images} images have another number, e.g. {examples}; pass --captions-per-image N"
+        )
+    image_ids = [match.cache_ids[name] for name in captions.images]
+    return ExportRequest(split, image_ids, list(captions.captions), captions_per_image)
