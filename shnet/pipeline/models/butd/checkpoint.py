@@ -152,7 +152,12 @@ def build_detector(weights: str, depth: int, allow_missing_keys: bool, random_co
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_SEED)
         model = detector_for_state(state, str(weights), depth)
-    report = match_state(model, state, str(weights), allow_missing_keys)
+    return model.eval(), load_state(model, state, str(weights), allow_missing_keys)
+
+
+def load_state(model: BUTDDetector, state: dict[str, torch.Tensor], source: str, allow_missing_keys: bool) -> LoadReport:
+    """Copy ``state`` into ``model`` after :func:`match_state`; returns its report."""
+    report = match_state(model, state, source, allow_missing_keys)
     expected = model.state_dict()
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items() if k in expected}, strict=False)
-    return model.eval(), report
+    return report

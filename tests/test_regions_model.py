@@ -1,0 +1,306 @@
+"""The native bottom-up-attention detector: checkpoints of both published conventions loaded by name,
+anchors, box arithmetic and box selection against independent computations on hand-made inputs."""
+
+from __future__ import annotations
+
+import ast
+import math
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import shnet.pipeline.models  # noqa: F401 - registers the torchvision CPU operators
+from shnet.errors import CheckpointMismatchError, ShnetError
+from shnet.pipeline.models.butd import box_coder
+from shnet.pipeline.models.butd.anchors import caffe_cell_anchors, d2_cell_anchors, grid_anchors
+from shnet.pipeline.models.butd.checkpoint import build_detector, check_detector_weights, detector_for_state, load_state, normalise_names
+from shnet.pipeline.models.butd.conventions import CAFFE, D2
+from shnet.pipeline.models.butd.detector import BUTDDetector, preprocess, resize_scale
+from shnet.pipeline.models.butd.extract import SelectionOptions, extract_regions
+from shnet.pipeline.models.butd.selection import caffe_keep, d2_detections, max_class_confidence
+
+KEYS_TSV = Path(__file__).resolve().parents[2] / "shared" / "reference" / "detectron2-r101-c4-vg-faster-rcnn-keys.tsv"
+ATTRIBUTE_SHAPES = {"embedding.weight": (1601, 256), "hidden.weight": (512, 2304), "hidden.bias": (512,), "out.weight": (401, 512), "out.bias": (401,)}
+PY_BUA_ATTRIBUTES = {"embedding": "cls_embedding", "hidden": "fc_attr", "out": "attr_score"}
+MILVLG_ATTRIBUTES = {"embedding": "cls_embed", "hidden": "attr_linear1", "out": "attr_linear2"}
+
+
+def listed_shapes() -> dict[str, tuple]:
+    """detectron2's names and shapes for the R-101 C4 VG detector, from the reference listing
+    (or, where the listing is not beside the checkout, from a meta-device d2-convention model)."""
+    if KEYS_TSV.exists():
+        rows = [line.split("\t") for line in KEYS_TSV.read_text().splitlines()[1:] if line.strip()]
+        return {key: tuple(ast.literal_eval(shape)) for key, shape, _ in rows}
+    with torch.device("meta"):
+        model = BUTDDetector(101, D2)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if ".box_predictor.c" not in k or "cls_score" in k}
+
+
+def published_state(names: dict[str, str], objectness: int, box_classes: int, batches_tracked: bool) -> dict[str, torch.Tensor]:
+    """A state dict named like a published checkpoint; every entry a distinct constant (no memory)."""
+    shapes = listed_shapes()
+    shapes["proposal_generator.rpn_head.objectness_logits.weight"] = (objectness, 512, 1, 1)
+    shapes["proposal_generator.rpn_head.objectness_logits.bias"] = (objectness,)
+    shapes["roi_heads.box_predictor.bbox_pred.weight"] = (box_classes * 4, 2048)
+    shapes["roi_heads.box_predictor.bbox_pred.bias"] = (box_classes * 4,)
+    for key, shape in ATTRIBUTE_SHAPES.items():
+        part, param = key.split(".")
+        shapes[f"roi_heads.box_predictor.{names[part]}.{param}"] = shape
+    if batches_tracked:
+        for key in [k for k in shapes if k.endswith(".norm.running_mean") and (".res4." in k or ".res5." in k)]:
+            shapes[key.replace("running_mean", "num_batches_tracked")] = ()
+    return {key: torch.tensor(float(i + 1)).expand(shape) for i, (key, shape) in enumerate(shapes.items())}
+
+
+def assert_every_entry_landed(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    loaded = model.state_dict()
+    mapped = normalise_names(state)
+    assert set(mapped) == set(loaded)
+    for key, value in mapped.items():
+        assert torch.equal(loaded[key], value.to(loaded[key].dtype)), key
+
+
+@pytest.mark.parametrize(
+    "names, objectness, box_classes, batches_tracked, convention",
+    [(PY_BUA_ATTRIBUTES, 12, 1600, False, D2), (MILVLG_ATTRIBUTES, 24, 1601, True, CAFFE)],
+    ids=["py-bottom-up-attention", "bottom-up-attention.pytorch"],
+)
+def test_published_naming_loads_every_parameter(names, objectness, box_classes, batches_tracked, convention):
+    state = published_state(names, objectness, box_classes, batches_tracked)
+    normalised = normalise_names(state)
+    model = detector_for_state(normalised, "published", 101)
+    assert model.convention == convention
+    report = load_state(model, normalised, "published", allow_missing_keys=False)
+    assert report.missing == [] and report.unexpected == [] and report.bn_stats_defaulted == 0
+    assert_every_entry_landed(model, state)
+
+
+def random_detector(convention, seed: int) -> BUTDDetector:
+    torch.manual_seed(seed)
+    model = BUTDDetector(50, convention)
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name.endswith(("running_mean", "running_var", "norm.weight", "norm.bias")):
+                buffer.copy_(torch.rand_like(buffer) + 0.5)
+    return model
+
+
+@pytest.fixture(scope="module")
+def saved_detectors(tmp_path_factory):
+    """A d2-convention R-50 as a detectron2 .pkl and a caffe-convention one as a MILVLG-named .pth."""
+    folder = tmp_path_factory.mktemp("butd")
+    d2 = random_detector(D2, seed=1)
+    with open(folder / "d2.pkl", "wb") as fh:
+        pickle.dump({"model": {k: v.numpy() for k, v in d2.state_dict().items()}, "__author__": "test"}, fh)
+    caffe = random_detector(CAFFE, seed=2)
+    renamed = {}
+    for key, value in caffe.state_dict().items():
+        for ours, theirs in (("cls_embedding", "cls_embed"), ("fc_attr", "attr_linear1"), ("attr_score", "attr_linear2")):
+            key = key.replace(f"box_predictor.{ours}.", f"box_predictor.{theirs}.")
+        renamed[key] = value
+    torch.save({"model": renamed}, folder / "caffe.pth")
+    return folder, d2, caffe
+
+
+@pytest.mark.parametrize("name, index", [("d2.pkl", 1), ("caffe.pth", 2)])
+def test_saved_detector_round_trip(saved_detectors, name, index):
+    folder, *models = saved_detectors
+    original = models[index - 1]
+    assert check_detector_weights(str(folder / name), 50, allow_missing_keys=False).missing == []
+    loaded, report = build_detector(str(folder / name), 50, allow_missing_keys=False)
+    assert report.convention == original.convention.name and loaded.convention == original.convention
+    expected = original.state_dict()
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+
+
+def test_missing_and_unexpected_keys_are_named(saved_detectors, tmp_path):
+    folder, d2, _ = saved_detectors
+    state = d2.state_dict()
+    state.pop("roi_heads.box_predictor.fc_attr.weight")
+    state["roi_heads.box_predictor.extra_head.weight"] = torch.zeros(3)
+    torch.save(state, tmp_path / "damaged.pth")
+    with pytest.raises(CheckpointMismatchError) as refused:
+        check_detector_weights(str(tmp_path / "damaged.pth"), 50, allow_missing_keys=False)
+    message = str(refused.value)
+    assert "roi_heads.box_predictor.fc_attr.weight" in message and "roi_heads.box_predictor.extra_head.weight" in message
+    assert "allow_missing_keys" in message
+    _, report = build_detector(str(tmp_path / "damaged.pth"), 50, allow_missing_keys=True)
+    assert report.missing == ["roi_heads.box_predictor.fc_attr.weight"]
+    assert report.unexpected == ["roi_heads.box_predictor.extra_head.weight"]
+    assert len(report.warnings) == 2
+
+
+def test_shape_mismatch_and_wrong_depth_are_refused(saved_detectors, tmp_path):
+    folder, d2, _ = saved_detectors
+    with pytest.raises(ShnetError, match="regions.depth=50"):
+        check_detector_weights(str(folder / "d2.pkl"), 101, allow_missing_keys=True)
+    state = d2.state_dict()
+    state["roi_heads.box_predictor.cls_score.weight"] = torch.zeros(81, 2048)
+    torch.save(state, tmp_path / "coco.pth")
+    with pytest.raises(CheckpointMismatchError, match=r"cls_score.weight: model \(1601, 2048\) vs file \(81, 2048\)"):
+        check_detector_weights(str(tmp_path / "coco.pth"), 50, allow_missing_keys=True)
+
+
+def test_frozen_bn_without_running_statistics_gets_zero_and_one(saved_detectors, tmp_path):
+    _, d2, _ = saved_detectors
+    state = {k: v for k, v in d2.state_dict().items() if not k.startswith("backbone.stem.conv1.norm.running_")}
+    torch.save(state, tmp_path / "no-stats.pth")
+    loaded, report = build_detector(str(tmp_path / "no-stats.pth"), 50, allow_missing_keys=False)
+    assert report.bn_stats_defaulted == 1 and report.missing == []
+    assert torch.equal(loaded.backbone.stem.conv1.norm.running_mean, torch.zeros(64))
+    assert torch.equal(loaded.backbone.stem.conv1.norm.running_var, torch.ones(64))
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickle_that_would_run_code_is_refused(tmp_path):
+    marker = tmp_path / "ran"
+    payload = _RunsCode()
+    payload.marker = marker
+    with open(tmp_path / "evil.pkl", "wb") as fh:
+        pickle.dump({"model": {"x": payload}}, fh)
+    with pytest.raises(ShnetError, match="refusing to unpickle"):
+        check_detector_weights(str(tmp_path / "evil.pkl"), 50, allow_missing_keys=False)
+    assert not marker.exists()
+
+
+def test_caffe_anchors_are_generate_anchors():
+    """py-faster-rcnn's generate_anchors() with scales 8, 16, 32 (its documented output)."""
+    published = [
+        [-84, -40, 99, 55], [-176, -88, 191, 103], [-360, -184, 375, 199],
+        [-56, -56, 71, 71], [-120, -120, 135, 135], [-248, -248, 263, 263],
+        [-36, -80, 51, 95], [-80, -168, 95, 183], [-168, -344, 183, 359],
+    ]  # fmt: skip
+    assert caffe_cell_anchors(sizes=(128, 256, 512)).tolist() == published
+    four = caffe_cell_anchors()
+    assert four.shape == (12, 4) and four[0].tolist() == [-38, -16, 53, 31]  # 92 x 48 around 7.5
+
+
+def test_d2_anchors_and_their_grid():
+    cell = d2_cell_anchors()
+    assert cell.shape == (12, 4)
+    w, h = cell[0, 2] - cell[0, 0], cell[0, 3] - cell[0, 1]
+    assert math.isclose(w * h, 64 * 64, rel_tol=1e-6) and math.isclose(h / w, 0.5, rel_tol=1e-6)
+    assert torch.allclose(cell[:, :2], -cell[:, 2:])
+    grid = grid_anchors(cell, 2, 3, 16)
+    assert grid.shape == (2 * 3 * 12, 4)
+    # position (y=1, x=2), anchor 5: the cell anchor moved by (32, 16)
+    assert torch.allclose(grid[(1 * 3 + 2) * 12 + 5], cell[5] + torch.tensor([32.0, 16.0, 32.0, 16.0]))
+
+
+def test_box_decoding_and_clipping_both_conventions():
+    box = torch.tensor([[0.0, 0.0, 9.0, 9.0]])
+    deltas = torch.tensor([[0.1, 0.0, math.log(2.0), 0.0]])
+    # Caffe: width 10, centre 5 -> centre 6, width 20
+    assert box_coder.decode(deltas, box, (1, 1, 1, 1), plus_one=True).tolist() == [[-4.0, 0.0, 16.0, 10.0]]
+    # detectron2: width 9, centre 4.5 -> centre 5.4, width 18
+    assert torch.allclose(box_coder.decode(deltas, box, (1, 1, 1, 1), plus_one=False), torch.tensor([[-3.6, 0.0, 14.4, 9.0]]))
+    # weights divide the deltas; dw is clamped at log(1000 / 16)
+    weighted = box_coder.decode(torch.tensor([[1.0, 0.0, 50.0, 0.0]]), box, (10, 10, 5, 5), plus_one=False)
+    assert torch.allclose(weighted, torch.tensor([[0.9 + 4.5 - 4.5 * 1000 / 16, 0.0, 0.9 + 4.5 + 4.5 * 1000 / 16, 9.0]]))
+    wild = torch.tensor([[-5.0, 3.0, 120.0, 40.0]])
+    assert box_coder.clip(wild, 30, 100, plus_one=True).tolist() == [[0.0, 3.0, 99.0, 29.0]]
+    assert box_coder.clip(wild, 30, 100, plus_one=False).tolist() == [[0.0, 3.0, 100.0, 30.0]]
+
+
+def caffe_nms(boxes: np.ndarray, scores: np.ndarray, threshold: float) -> list[int]:
+    """py-faster-rcnn's py_cpu_nms (pixel-inclusive areas), written out independently."""
+    x1, y1, x2, y2 = boxes.T
+    areas = (x2 - x1 + 1) * (y2 - y1 + 1)
+    order = np.argsort(-scores, kind="stable")
+    keep = []
+    while order.size:
+        i = order[0]
+        keep.append(int(i))
+        w = np.maximum(0.0, np.minimum(x2[i], x2[order[1:]]) - np.maximum(x1[i], x1[order[1:]]) + 1)
+        h = np.maximum(0.0, np.minimum(y2[i], y2[order[1:]]) - np.maximum(y1[i], y1[order[1:]]) + 1)
+        inter = w * h
+        overlap = inter / (areas[i] + areas[order[1:]] - inter)
+        order = order[1:][overlap <= threshold]
+    return keep
+
+
+def test_per_class_nms_max_conf_matches_a_loop_over_classes():
+    rng = np.random.default_rng(0)
+    corners = rng.uniform(0, 80, size=(40, 2))
+    boxes = np.concatenate([corners, corners + rng.uniform(5, 40, size=(40, 2))], axis=1).astype(np.float32)
+    scores = rng.dirichlet(np.ones(31), size=40).astype(np.float32)[:, 1:]
+    expected = np.zeros(40, np.float32)
+    for c in range(scores.shape[1]):
+        keep = caffe_nms(boxes, scores[:, c], 0.3)
+        expected[keep] = np.maximum(expected[keep], scores[keep, c])
+    got = max_class_confidence(torch.from_numpy(boxes), torch.from_numpy(scores), 0.3, plus_one=True)
+    np.testing.assert_array_equal(got.numpy(), expected)
+
+
+def test_adaptive_and_fixed_counts():
+    conf = torch.tensor([0.5, 0.1, 0.3, 0.05, 0.9, 0.25, 0.15])
+    # between min and max: every box over the threshold, in proposal order
+    assert caffe_keep(conf, 0.2, 2, 5).tolist() == [0, 2, 4, 5]
+    # too few: the best min_boxes by confidence
+    assert caffe_keep(conf, 0.2, 6, 10).tolist() == [4, 0, 2, 5, 6, 1]
+    # too many: the best max_boxes
+    assert caffe_keep(conf, 0.2, 1, 3).tolist() == [4, 0, 2]
+    # fixed K = min = max
+    assert caffe_keep(conf, 0.2, 4, 4).tolist() == [0, 2, 4, 5]
+    assert caffe_keep(conf, 0.2, 3, 3).tolist() == [4, 0, 2]
+
+
+def test_d2_selection_raises_the_nms_threshold_until_k_boxes():
+    # two overlapping boxes (IoU 0.6) of one class plus one apart: 2 survive NMS 0.5, 3 survive 0.6+
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 6.0], [50.0, 50.0, 60.0, 60.0]])
+    class_boxes = boxes[:, None, :].repeat(1, 2, 1)
+    scores = torch.tensor([[0.9, 0.0], [0.8, 0.0], [0.7, 0.1]])
+    found = d2_detections(class_boxes, scores, 0.2, 3, 0.5, plus_one=False)
+    assert found.proposal.tolist() == [0, 1, 2] and found.classes.tolist() == [0, 0, 0]
+    fewer = d2_detections(class_boxes, scores, 0.2, 5, 0.5, plus_one=False)
+    assert len(fewer.proposal) == 3  # never reaches 5: the last threshold's detections
+    assert d2_detections(class_boxes, scores, 0.2, 2, 0.5, plus_one=False).proposal.tolist() == [0, 2]
+
+
+def test_resize_follows_the_extractor():
+    assert resize_scale(480, 640, 600, 1000) == 600 / 480
+    assert resize_scale(200, 1000, 600, 1000) == 1.0  # 600/200 would make the long side 3000
+    image = preprocess(np.zeros((48, 64, 3), np.uint8), 24, 40)
+    assert image.image.shape == (3, 24, 32) and image.scale == 0.5
+    assert np.allclose(image.image[:, 0, 0], [-102.9801, -115.9465, -122.7717])  # BGR minus caffe means
+
+
+@pytest.fixture(scope="module")
+def tiny_detector():
+    model, _ = build_detector("random", 50, allow_missing_keys=False)
+    return model
+
+
+def test_padded_batch_gives_each_image_its_own_regions(tiny_detector, single_torch_thread):
+    rng = np.random.default_rng(1)
+    small = preprocess((rng.random((60, 90, 3)) * 255).astype(np.uint8), 64, 96)
+    large = preprocess((rng.random((80, 80, 3)) * 255).astype(np.uint8), 64, 96)
+    options = SelectionOptions("caffe", 3, 3, 0.2, 0.3, 6000, 4, 0.7)
+    import contextlib
+
+    alone = extract_regions(tiny_detector, [small], options, contextlib.nullcontext())[0]
+    batched = extract_regions(tiny_detector, [large, small], options, contextlib.nullcontext())[1]
+    np.testing.assert_allclose(batched.boxes, alone.boxes, rtol=0, atol=1e-3)
+    np.testing.assert_allclose(batched.features, alone.features, rtol=1e-3, atol=1e-3)
+    assert (alone.boxes[:, 2] <= 90) .all() and (alone.boxes[:, 3] <= 60).all()
+
+
+def test_given_boxes_are_pooled_as_given(tiny_detector, single_torch_thread):
+    import contextlib
+
+    image = preprocess((np.random.default_rng(2).random((50, 70, 3)) * 255).astype(np.uint8), 48, 80)
+    image.given_boxes = np.asarray([[5, 5, 30, 40], [0, 0, 69, 49], [20, 10, 21, 11]], np.float32)
+    options = SelectionOptions("caffe", 36, 36, 0.2, 0.3, 6000, 300, 0.7)
+    regions = extract_regions(tiny_detector, [image], options, contextlib.nullcontext())[0]
+    np.testing.assert_array_equal(regions.boxes, image.given_boxes)
+    assert regions.features.shape == (3, 2048) and np.isfinite(regions.features).all()
+    assert regions.object_class.shape == (3,) and (regions.object_class < 1600).all() and (regions.attr_class < 400).all()
