@@ -1,0 +1,120 @@
+"""Stage ``regions`` through ``shnet extract``: real photos and odd files, real Dask workers, real
+shards. A random-initialised ResNet-50 detector at a small input size keeps it fast on a CPU."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner
+
+from shnet.cli import main
+
+K = 4
+FAST = [
+    "--stages", "regions", "--profile", "butd-36",
+    "--set", "regions.weights=random", "--set", "regions.depth=50",
+    "--set", "regions.min_size=96", "--set", "regions.max_size=128",
+    "--set", f"regions.post_nms_topk={K + 1}", "--set", f"regions.num_boxes={K}",
+    "--workers", "1",
+]  # fmt: skip
+
+
+def extract(*args):
+    return CliRunner().invoke(main, ["extract", *map(str, args)], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def regions_cache(mixed_dir, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("regions") / "cache"
+    result = extract(mixed_dir, "-o", cache, *FAST, "--shard-size", 5, "--batch-size", 3)
+    assert result.exit_code == 0, result.output
+    return cache
+
+
+def read_regions(cache) -> dict[str, np.ndarray]:
+    arrays: dict[str, list] = {}
+    for shard in sorted((cache / "regions").glob("*.h5")):
+        with h5py.File(shard) as fh:
+            for name in fh:
+                arrays.setdefault(name, []).append(fh[name][:])
+    return {name: np.concatenate(parts) for name, parts in arrays.items()}
+
+
+def test_every_photo_gets_exactly_k_boxes_inside_the_image(regions_cache):
+    table = pd.read_parquet(regions_cache / "regions" / "table").sort_values(["shard", "row"])
+    arrays = read_regions(regions_cache)
+    ok = (table["status"] == "ok").to_numpy()
+    assert ok.sum() == 7 and set(table.loc[~ok, "image_id"]) == {"bad/empty", "bad/not-an-image", "bad/truncated"}
+    assert arrays["features"].shape[1:] == (K, 2048) and arrays["features"].dtype == np.float16
+    assert arrays["boxes"].shape[1:] == (K, 4) and arrays["num_boxes"].dtype == np.int32
+    assert (arrays["num_boxes"][ok] == K).all() and (table.loc[ok, "num_boxes"] == K).all()
+    assert np.isfinite(arrays["features"][ok].astype(np.float32)).all()
+    images = pd.read_parquet(regions_cache / "images.parquet").set_index("image_id")
+    for index in np.flatnonzero(ok):
+        image_id = table["image_id"].iloc[index]
+        height, width = arrays["image_hw"][index]
+        assert (height, width) == (images.loc[image_id, "height"], images.loc[image_id, "width"])
+        boxes = arrays["boxes"][index]
+        assert (boxes >= 0).all() and (boxes[:, 2] <= width).all() and (boxes[:, 3] <= height).all()
+        assert (boxes[:, 2] >= boxes[:, 0]).all() and (boxes[:, 3] >= boxes[:, 1]).all()
+        assert (arrays["object_class"][index] < 1600).all() and (arrays["attr_class"][index] < 400).all()
+    for name in ("features", "boxes", "object_score", "num_boxes", "image_hw"):
+        assert not arrays[name][~ok].any(), name
+
+
+def test_shards_record_model_and_selection(regions_cache):
+    with h5py.File(regions_cache / "regions" / "00000.h5") as fh:
+        attrs = dict(fh.attrs)
+    assert "random-init" in attrs["model"] and attrs["weights_sha256"] == "random-init"
+    assert attrs["selection"] == "caffe" and attrs["num_boxes"] == K and attrs["conf_threshold"] == 0.2
+    assert attrs["nms_iou"] == 0.3 and attrs["convention"] == "caffe"
+
+
+def test_rerun_does_nothing_and_verify_is_clean(regions_cache, mixed_dir):
+    result = extract(mixed_dir, "-o", regions_cache, *FAST)
+    assert result.exit_code == 0 and "nothing to do" in result.output
+    verified = CliRunner().invoke(main, ["verify", str(regions_cache)])
+    assert verified.exit_code == 0, verified.output
+
+
+def test_given_boxes_are_pooled_exactly(photo_dir, tmp_path):
+    given = {"animals/chelsea": [[10, 12, 80, 90], [0, 0, 159, 100], [40.5, 20.25, 41.5, 30]], "things/coffee": [[5, 5, 60, 60]]}
+    (tmp_path / "boxes.json").write_text(json.dumps(given))
+    cache = tmp_path / "cache"
+    result = extract(photo_dir, "-o", cache, *FAST, "--set", f"regions.boxes={tmp_path / 'boxes.json'}")
+    assert result.exit_code == 0, result.output
+    table = pd.read_parquet(cache / "regions" / "table").sort_values(["shard", "row"]).reset_index(drop=True)
+    arrays = read_regions(cache)
+    assert arrays["boxes"].shape[1] == 3  # K = the most boxes the file gives one image
+    for image_id, boxes in given.items():
+        index = table.index[table["image_id"] == image_id][0]
+        assert arrays["num_boxes"][index] == len(boxes)
+        np.testing.assert_array_equal(arrays["boxes"][index, : len(boxes)], np.asarray(boxes, np.float32))
+        assert not arrays["boxes"][index, len(boxes) :].any()
+    missing = table[~table["image_id"].isin(list(given))]
+    assert (missing["status"] == "error").all() and missing["error"].str.contains("gives no boxes for image").all()
+
+
+def test_a_mismatched_weights_file_is_refused_before_any_work(photo_dir, tmp_path):
+    torch.save({"proposal_generator.rpn_head.objectness_logits.weight": torch.zeros(12, 512, 1, 1)}, tmp_path / "partial.pth")
+    result = extract(photo_dir, "-o", tmp_path / "cache", *FAST, "--set", f"regions.weights={tmp_path / 'partial.pth'}")
+    assert result.exit_code == 1
+    assert "partial.pth does not match the bottom-up-attention detector" in result.output
+    assert "backbone.stem.conv1.weight" in result.output and "allow_missing_keys" in result.output
+    assert not (tmp_path / "cache" / "regions").exists()
+
+
+def test_option_errors_name_the_option(photo_dir, tmp_path):
+    cases = {
+        "regions.selection=best": "regions.selection must be one of caffe, d2",
+        "regions.min_boxes=10": "either num_boxes",
+        "regions.depth=34": "regions.depth must be 101",
+    }
+    for assignment, message in cases.items():
+        result = extract(photo_dir, "-o", tmp_path / "cache", *FAST, "--set", assignment)
+        assert result.exit_code == 1 and message in result.output, result.output
