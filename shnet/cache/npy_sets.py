@@ -462,8 +462,11 @@ def export_split(cache: Cache, request: ExportRequest, out_dir: str | Path, log:
         raise ShnetError(f"split '{request.split}' has no image to export")
     sources = _export_sources(cache, request)
     if not sources:
-        raise ShnetError(f"{cache.root} has neither stage 'regions' nor 'layout'; run `shnet extract ... --stages layout` (and regions) first")
-    kinds = [kind for kind in ARRAY_KINDS if kind.stage in sources]
+        raise ShnetError(
+            f"{cache.root} has neither stage 'regions' nor 'layout' (with their arrays); run `shnet extract ... --stages layout` "
+            "(and regions) first"
+        )
+    kinds = [kind for kind in ARRAY_KINDS if kind.stage in sources and kind.array in sources[kind.stage].item_shapes]
     targets = [array_file(out, request.split, k.name) for k in kinds]
     if request.write_ids:
         targets.append(text_file(out, request.split, "ids"))
@@ -529,12 +532,10 @@ def _export_sources(cache: Cache, request: ExportRequest) -> dict[str, _Source]:
             examples = "; ".join(f"{i} ({e or s})" for i, s, e in list(zip(failed.index, failed, errors))[:_EXAMPLES])
             raise ShnetError(f"{len(failed)} images of split '{request.split}' have no usable '{stage}' arrays in {cache.root}, e.g. {examples}")
         with cache.open_arrays(stage, min(done)) as h5:
-            lacking = [n for n in names if n not in h5]
-            if lacking:
-                raise ShnetError(f"stage '{stage}' of {cache.root} has no array(s) {', '.join(lacking)} that the precomputed layout needs")
-            shapes = {n: tuple(h5[n].shape[1:]) for n in names}
-            dtypes = {n: h5[n].dtype for n in names}
-        sources[stage] = _Source(stage, shards, rows, shapes, dtypes)
+            shapes = {n: tuple(h5[n].shape[1:]) for n in names if n in h5}
+            dtypes = {n: h5[n].dtype for n in names if n in h5}
+        if shapes:
+            sources[stage] = _Source(stage, shards, rows, shapes, dtypes)
     return sources
 
 

@@ -6,6 +6,7 @@ Sources:
   ``filepath/filename``. Only the first 5 sentences of an image are kept, as in the standard
   precomputed caption files (a few COCO images have 6 or 7).
 - CSV / Parquet with columns ``image_id``, ``caption``, ``split``.
+- The captions a cache holds (``shnet import`` stores them), used when no caption file is given.
 
 The split ``train`` also takes Karpathy's ``restval`` images (COCO's extra training images).
 """
@@ -21,10 +22,11 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from ..cache.captions import stored_captions
 from ..errors import ShnetError
 
 KARPATHY_CAPTIONS_PER_IMAGE = 5
-SPLIT_ALIASES = {"train": ("train", "restval")}
+SPLIT_ALIASES = {"train": ("train", "restval"), "val": ("val", "dev")}  # dev: SCAN's name of the validation split
 _REPORT_EXAMPLES = 5
 
 
@@ -90,6 +92,16 @@ class CaptionSet:
                 f"split '{self.split}' of {self.source}: the evaluation protocols need exactly {expected} captions "
                 f"per image, but {len(wrong)} of {self.num_images} images have another number, e.g. {examples}"
             )
+
+
+def captions_source(given: str | None, cache_roots: Sequence[str | Path]) -> str:
+    """The caption file to use: ``given``, else the captions that one of the caches holds."""
+    if given:
+        return str(given)
+    stored = stored_captions(cache_roots)
+    if stored is None:
+        raise ShnetError("no --captions FILE given and no given cache holds captions (only `shnet import` stores them); pass --captions FILE")
+    return stored
 
 
 def read_captions(path: str | Path) -> CaptionTable:

@@ -26,7 +26,11 @@ def _log(message: str) -> None:
 @click.option(
     "--cache", "caches", multiple=True, type=click.Path(file_okay=False), help="Feature cache directory (repeatable; joined on image_id)."
 )
-@click.option("--captions", type=click.Path(dir_okay=False), help="Karpathy split JSON, or CSV/Parquet with image_id, caption, split.")
+@click.option(
+    "--captions",
+    type=click.Path(dir_okay=False),
+    help="Karpathy split JSON, or CSV/Parquet with image_id, caption, split (default: the captions an imported cache holds).",
+)
 @click.option(
     "--output", "-o", required=True, type=click.Path(file_okay=False), help="Run directory (checkpoints, metrics.jsonl, curves.png)."
 )
@@ -83,8 +87,8 @@ def train_command(ctx: click.Context, resume: bool, **params) -> None:
     """Train a 3SHNet model on cached features (the paper's recipe unless told otherwise)."""
     explicit = {name for name in params if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
     params["caches"] = [str(c) for c in params["caches"]]
-    if not resume and (not params["caches"] or not params["captions"]):
-        raise ShnetError("shnet train needs --cache CACHE_DIR (repeatable) and --captions FILE")
+    if not resume and not params["caches"]:
+        raise ShnetError("shnet train needs --cache CACHE_DIR (repeatable) and --captions FILE (unless a cache holds its captions)")
     options = TrainOptions(**params)
     summary = train(options, resume=resume, explicit=explicit, log=_log)
     click.echo(f"best validation rSum {summary['best_rsum']:.2f} at epoch {summary['best_epoch']}; run in {summary['run_dir']}")
@@ -95,7 +99,9 @@ def train_command(ctx: click.Context, resume: bool, **params) -> None:
 @click.option("--ensemble", is_flag=True, help="SOURCES are several runs/checkpoints: average their similarity matrices.")
 @click.option("--sims", is_flag=True, help="SOURCES are saved .npy similarity matrices (images x captions); several are averaged.")
 @click.option(
-    "--captions", type=click.Path(dir_okay=False), help="Caption file (default: the run's); another dataset's for cross-dataset evaluation."
+    "--captions",
+    type=click.Path(dir_okay=False),
+    help="Caption file (default: the captions a given --cache holds, else the run's); another dataset's for cross-dataset evaluation.",
 )
 @click.option("--cache", "caches", multiple=True, type=click.Path(file_okay=False), help="Feature cache (repeatable; default: the run's).")
 @click.option("--split", default="test", show_default=True)

@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from ..cache.captions import stored_captions
 from ..errors import ShnetError
 from .captions import CaptionSet, read_captions, select_split
 from .checkpoint import LoadedModel, load_model
@@ -87,8 +88,8 @@ class Evaluation:
 
 def _data_sources(loaded: LoadedModel, checkpoint: Path, request: EvalRequest) -> tuple[str, list[str]]:
     options = loaded.extra.get("options", {})
-    captions = request.captions or options.get("captions")
     caches = list(request.caches) or list(options.get("caches", []))
+    captions = request.captions or (stored_captions(request.caches) if request.caches else None) or options.get("captions")
     if not captions or not caches:
         raise ShnetError(f"{checkpoint} does not name its data (a reference checkpoint?); pass --captions FILE and --cache CACHE_DIR")
     return captions, caches

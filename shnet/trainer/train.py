@@ -26,7 +26,7 @@ from torch import nn
 
 from ..cache import Cache
 from ..errors import ShnetError
-from .captions import CaptionSet, read_captions, select_split
+from .captions import CaptionSet, captions_source, read_captions, select_split
 from .checkpoint import load_model, save_checkpoint
 from .data import FeatureIndex, FeatureReader, TrainPairs, match_split, train_loader
 from .device import autocast, resolve_device
@@ -48,7 +48,7 @@ class TrainOptions:
     """Every setting of a run; the defaults are the paper's recipe (see reference/3shnet-region-model.md)."""
 
     caches: list[str]
-    captions: str
+    captions: str | None  # None: the captions a cache holds (an imported cache)
     output: str
     level: str = "region"
     text_encoder: str = "bigru"
@@ -280,6 +280,7 @@ def train(options: TrainOptions, resume: bool = False, explicit: set[str] | None
     device = resolve_device(options.device)
     seed_everything(options.seed)
 
+    options.captions = captions_source(options.captions, options.caches)
     table = read_captions(options.captions)
     index = FeatureIndex(options.caches, options.level)
     train_set = match_split(select_split(table, options.train_split), index, "drop", log)

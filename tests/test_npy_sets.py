@@ -1,0 +1,273 @@
+"""``shnet import`` / ``shnet export`` of SCAN/3SHNet precomputed .npy sets: bit-exact round trips,
+any subset of files, training on an imported cache without a caption file, export of extracted
+caches, streaming in bounded chunks, and one clear message per malformed set."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+import shnet.cache.npy_sets as npy_sets
+from shnet.cache import Cache, ShardWriter, write_stage
+from shnet.cache.inspect import verify_cache
+from shnet.cli import main
+
+CLASSES = 133
+
+
+def shnet(*args, ok: bool = True):
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    assert (result.exit_code == 0) == ok, result.output
+    return result
+
+
+def write_set(folder, sizes: dict, files=("ims", "segmentations", "seg_maps", "cat_onehots", "caps", "ids"), dim=2048, seed=0):
+    """A small precomputed set as SCAN / 3SHNet ship it: float32 features [N,36,dim], float32
+    [N,133,7,7] segmentation features, [N,64,64] class maps and [N,133] one-hots, 5 captions per image."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in sizes.items():
+        arrays = {
+            "ims": rng.standard_normal((n, 36, dim)).astype(np.float32),
+            "segmentations": rng.random((n, CLASSES, 7, 7)).astype(np.float32),
+            "seg_maps": rng.integers(0, CLASSES, (n, 64, 64)).astype(np.float32),
+            "cat_onehots": (rng.random((n, CLASSES)) > 0.9).astype(np.float32),
+        }
+        for name, values in arrays.items():
+            if name in files:
+                np.save(folder / f"{split}_{name}.npy", values)
+        if "caps" in files:
+            words = ["a dog", "two cats", "a red bus", "people walking", "a plate of food", "a kite"]
+            lines = [f"{words[(i + j) % len(words)]} in picture {i} , view {j} ." for i in range(n) for j in range(5)]
+            (folder / f"{split}_caps.txt").write_text("\n".join(lines) + "\n")
+        if "ids" in files:
+            (folder / f"{split}_ids.txt").write_text("".join(f"{100000 + 7 * i + len(split)}\n" for i in range(n)))
+    return folder
+
+
+def assert_same_files(source, exported):
+    names = sorted(p.name for p in source.iterdir())
+    assert sorted(p.name for p in exported.iterdir()) == names
+    for name in names:
+        assert filecmp.cmp(source / name, exported / name, shallow=False), name
+
+
+def test_import_then_export_is_bit_exact(tmp_path):
+    source = write_set(tmp_path / "set", {"train": 6, "dev": 3, "test": 4}, dim=64)
+    # what else the published files may be: other dtypes, a big-endian or Fortran-order array,
+    # a version 2.0 header, CRLF captions, captions without a final newline
+    rng = np.random.default_rng(1)
+    np.save(source / "dev_seg_maps.npy", rng.integers(0, 255, (3, 64, 64)).astype(np.int64))
+    np.save(source / "dev_cat_onehots.npy", (rng.random((3, CLASSES)) > 0.5).astype(np.uint8))
+    np.save(source / "test_segmentations.npy", np.asfortranarray(rng.random((4, CLASSES, 7, 7)).astype(">f4")))
+    with open(source / "test_ims.npy", "wb") as handle:
+        np.lib.format.write_array(handle, rng.standard_normal((4, 36, 64)).astype(np.float32), version=(2, 0))
+    caps = (source / "dev_caps.txt").read_text().splitlines()
+    (source / "dev_caps.txt").write_bytes(("\r\n".join(caps) + "\r\n").encode())
+    (source / "test_caps.txt").write_text("\n".join((source / "test_caps.txt").read_text().splitlines()))
+
+    shnet("import", source, "-o", tmp_path / "cache", "--shard-size", 5)
+    exported = tmp_path / "out"
+    shnet("export", tmp_path / "cache", "-o", exported, "--split", "train", "--split", "dev", "--split", "test")
+    assert_same_files(source, exported)
+
+    cache = Cache(tmp_path / "cache")
+    assert cache.recorded_stages() == ["layout", "regions"]
+    assert verify_cache(cache).problems == []
+    images = cache.images()
+    assert len(images) == 13 and images["image_id"].iloc[0] == "100003"  # dev first (splits by name), ids from dev_ids.txt
+    table = cache.stage_table("regions")
+    assert (table["num_boxes"] == 36).all() and (table["status"] == "ok").all()
+    features = np.load(source / "train_ims.npy")
+    train_ids = (source / "train_ids.txt").read_text().split()
+    np.testing.assert_array_equal(cache.read("regions", "features", train_ids[5]), features[5])
+    assert cache.read("layout", "seg_map", "100003").dtype == np.float64  # holds dev's int64 and the others' float32 exactly
+    captions = pd.read_parquet(tmp_path / "cache" / "captions.parquet")
+    assert list(captions.columns) == ["image_id", "caption", "split"] and len(captions) == 65
+    assert captions[captions["split"] == "train"]["image_id"].tolist()[:6] == [train_ids[0]] * 5 + [train_ids[1]]
+
+
+@pytest.mark.parametrize(
+    "files",
+    [("segmentations", "seg_maps", "cat_onehots", "caps"), ("ims", "ids"), ("caps", "ids"), ("ims", "seg_maps", "caps")],
+    ids=["layout-no-ids", "regions-only", "text-only", "mixed"],
+)
+def test_any_subset_of_files_round_trips(tmp_path, files):
+    source = write_set(tmp_path / "set", {"test": 3}, files=files, dim=32)
+    shnet("import", source, "-o", tmp_path / "cache")
+    cache = Cache(tmp_path / "cache")
+    stages = {npy_sets.KINDS[name].stage for name in files if name in npy_sets.KINDS}
+    assert set(cache.recorded_stages()) == stages
+    if "ids" not in files:
+        assert cache.images()["image_id"].tolist() == ["test/0", "test/1", "test/2"]
+    if stages:
+        shnet("export", tmp_path / "cache", "-o", tmp_path / "out", "--split", "test")
+        assert_same_files(source, tmp_path / "out")
+    else:
+        result = shnet("export", tmp_path / "cache", "-o", tmp_path / "out", "--split", "test", ok=False)
+        assert "neither stage 'regions' nor 'layout'" in result.output
+
+
+def test_an_image_in_two_splits_is_stored_once(tmp_path):
+    source = write_set(tmp_path / "set", {"testall": 5}, dim=16)
+    for kind in ("ims", "segmentations", "seg_maps", "cat_onehots"):  # test = the first 2 images of testall, as COCO's 1K fold
+        np.save(source / f"test_{kind}.npy", np.load(source / f"testall_{kind}.npy")[:2])
+    (source / "test_ids.txt").write_text("".join((source / "testall_ids.txt").read_text().splitlines(keepends=True)[:2]))
+    (source / "test_caps.txt").write_text("".join((source / "testall_caps.txt").read_text().splitlines(keepends=True)[:10]))
+    shnet("import", source, "-o", tmp_path / "cache")
+    assert len(Cache(tmp_path / "cache").images()) == 5
+    shnet("export", tmp_path / "cache", "-o", tmp_path / "out", "--split", "test", "--split", "testall")
+    assert_same_files(source, tmp_path / "out")
+
+    np.save(source / "test_seg_maps.npy", np.load(source / "test_seg_maps.npy") + 1)
+    result = shnet("import", source, "-o", tmp_path / "cache2", ok=False)
+    assert "is in splits 'test' and 'testall' with different {split}_seg_maps.npy values" in result.output
+
+
+@pytest.mark.usefixtures("single_torch_thread")
+def test_train_and_evaluate_an_imported_cache_without_a_caption_file(tmp_path):
+    source = write_set(tmp_path / "set", {"train": 24, "dev": 6, "test": 6}, dim=16)
+    shnet("import", source, "-o", tmp_path / "cache")
+    run = tmp_path / "run"
+    tiny = ["--embed-size", 16, "--word-dim", 16, "--batch-size", 8, "--workers", 0, "--no-progress", "--device", "cpu"]
+    result = shnet("train", "--cache", tmp_path / "cache", "-o", run, "--epochs", 1, "--val-images", 6, *tiny)
+    assert "best validation rSum" in result.output
+    options = json.loads((run / "options.json").read_text())["options"]
+    assert options["captions"] == str(tmp_path.resolve() / "cache" / "captions.parquet")
+    for extra in ([], ["--cache", tmp_path / "cache"]):
+        metrics = json.loads(shnet("evaluate", run, "--split", "test", "--json", "--workers", 0, "--device", "cpu", *extra).stdout)
+        assert set(metrics) and all("rsum" in entry for entry in metrics.values())
+
+    write_stage(tmp_path / "bare", "grid", [f"img{i}" for i in range(4)], {"grid": np.zeros((4, 2, 2, 8), np.float16)}, {"source": "test"})
+    result = shnet("train", "--cache", tmp_path / "bare", "-o", tmp_path / "run2", *tiny, ok=False)
+    assert "no --captions FILE given and no given cache holds captions" in result.output
+
+
+def extracted_cache(root, image_ids, regions: bool, seed=0):
+    """A cache as `shnet extract` writes it: fp16 seg_feat, uint8 maps, padded fp16 region features."""
+    rng = np.random.default_rng(seed)
+    n = len(image_ids)
+    layout = {
+        "seg_feat": rng.random((n, CLASSES, 7, 7)).astype(np.float16),
+        "seg_map": rng.integers(0, 256, (n, 64, 64)).astype(np.uint8),
+        "cat_onehot": (rng.random((n, CLASSES)) > 0.8).astype(np.uint8),
+    }
+    write_stage(root, "layout", image_ids, layout, {"seg_feat": "area"}, shard_size=3)
+    arrays = {"layout": layout}
+    if regions:
+        counts = rng.integers(1, 11, n).astype(np.int32)
+        features = rng.standard_normal((n, 10, 32)).astype(np.float16) * (np.arange(10)[None, :, None] < counts[:, None, None])
+        arrays["regions"] = {"features": features, "num_boxes": counts}
+        write_stage(root, "regions", image_ids, arrays["regions"], {"num_boxes": 10}, table={"num_boxes": counts}, shard_size=3)
+    return arrays
+
+
+@pytest.mark.parametrize("regions", [False, True], ids=["layout-only", "regions+layout"])
+def test_export_of_an_extracted_cache_follows_the_caption_file(tmp_path, regions):
+    image_ids = [f"val2014/COCO_val2014_{i:012d}" for i in range(8)]
+    arrays = extracted_cache(tmp_path / "cache", image_ids, regions)
+    order = [5, 0, 7, 2]  # the caption file's image order, not the cache's
+    rows = [{"image_id": f"{image_ids[i]}.jpg", "caption": f"caption {j} of image {i}", "split": "test"} for i in order for j in range(5)]
+    rows += [{"image_id": f"{image_ids[1]}.jpg", "caption": "a training caption", "split": "train"}]
+    pd.DataFrame(rows).to_csv(tmp_path / "captions.csv", index=False)
+
+    shnet("export", tmp_path / "cache", "--captions", tmp_path / "captions.csv", "--split", "test", "-o", tmp_path / "out")
+    out = tmp_path / "out"
+    expected = {"test_segmentations.npy", "test_seg_maps.npy", "test_cat_onehots.npy", "test_ids.txt", "test_caps.txt"}
+    assert {p.name for p in out.iterdir()} == expected | ({"test_ims.npy"} if regions else set())
+    seg_feat = np.load(out / "test_segmentations.npy")
+    assert seg_feat.dtype == np.float32 and seg_feat.shape == (4, CLASSES, 7, 7)
+    np.testing.assert_array_equal(seg_feat, arrays["layout"]["seg_feat"][order].astype(np.float32))
+    np.testing.assert_array_equal(np.load(out / "test_seg_maps.npy"), arrays["layout"]["seg_map"][order])
+    np.testing.assert_array_equal(np.load(out / "test_cat_onehots.npy"), arrays["layout"]["cat_onehot"][order])
+    if regions:
+        ims = np.load(out / "test_ims.npy")
+        assert ims.dtype == np.float32 and ims.shape == (4, 10, 32)
+        np.testing.assert_array_equal(ims, arrays["regions"]["features"][order].astype(np.float32))
+    assert (out / "test_ids.txt").read_text().splitlines() == [image_ids[i] for i in order]
+    assert (out / "test_caps.txt").read_text().splitlines()[5:7] == ["caption 0 of image 0", "caption 1 of image 0"]
+
+    # exported, then imported again: the same arrays under the same ids
+    shnet("import", out, "-o", tmp_path / "again")
+    again = Cache(tmp_path / "again")
+    assert again.images()["image_id"].tolist() == [image_ids[i] for i in order]
+    np.testing.assert_array_equal(again.read("layout", "seg_map", image_ids[7]), arrays["layout"]["seg_map"][7])
+
+
+def test_export_refuses_images_the_cache_lacks_and_odd_caption_counts(tmp_path):
+    image_ids = [f"img{i}" for i in range(4)]
+    extracted_cache(tmp_path / "cache", image_ids, regions=False)
+    rows = [{"image_id": name, "caption": f"caption {j}", "split": "test"} for name in ["img0", "ghost1", "ghost2"] for j in range(5)]
+    pd.DataFrame(rows).to_csv(tmp_path / "missing.csv", index=False)
+    result = shnet("export", tmp_path / "cache", "--captions", tmp_path / "missing.csv", "--split", "test", "-o", tmp_path / "o1", ok=False)
+    assert "2 of 3 images of split 'test'" in result.output and "ghost1, ghost2" in result.output
+    assert not (tmp_path / "o1").exists()
+
+    rows = [{"image_id": name, "caption": f"caption {j}", "split": "test"} for name, count in [("img0", 5), ("img1", 4)] for j in range(count)]
+    pd.DataFrame(rows).to_csv(tmp_path / "short.csv", index=False)
+    result = shnet("export", tmp_path / "cache", "--captions", tmp_path / "short.csv", "--split", "test", "-o", tmp_path / "o2", ok=False)
+    assert "needs 5 captions per image" in result.output and "img1 (4)" in result.output
+
+    result = shnet("export", tmp_path / "cache", "--split", "test", "-o", tmp_path / "o3", ok=False)
+    assert "was not made by `shnet import`; give --captions FILE" in result.output
+
+
+def test_streaming_reads_and_writes_bounded_chunks(tmp_path, monkeypatch):
+    source = write_set(tmp_path / "set", {"train": 11}, dim=64)
+    row_bytes = 36 * 64 * 4
+    monkeypatch.setattr(npy_sets, "CHUNK_BYTES", 3 * row_bytes)  # 3 images of features per block
+    loads = []
+    real_load = np.load
+    monkeypatch.setattr(np, "load", lambda *a, **k: loads.append(k) or real_load(*a, **k))
+    written = []
+    real_write = ShardWriter.write
+    monkeypatch.setattr(ShardWriter, "write", lambda self, name, rows, values: written.append((name, len(values))) or real_write(self, name, rows, values))
+    shnet("import", source, "-o", tmp_path / "cache", "--shard-size", 4)
+    assert loads and all(k.get("mmap_mode") == "r" and not k.get("allow_pickle") for k in loads)
+    feature_blocks = [size for name, size in written if name == "features"]
+    assert sum(feature_blocks) == 11 and max(feature_blocks) <= 3 and len(feature_blocks) >= 5  # blocks split at shard ends too
+
+    read = []
+    real_read = npy_sets._ShardFiles.read
+    monkeypatch.setattr(npy_sets._ShardFiles, "read", lambda self, stage, name, s, r: read.append((name, len(s))) or real_read(self, stage, name, s, r))
+    shnet("export", tmp_path / "cache", "-o", tmp_path / "out", "--split", "train")
+    feature_reads = [size for name, size in read if name == "features"]
+    assert sum(feature_reads) == 11 and max(feature_reads) <= 3
+    assert_same_files(source, tmp_path / "out")
+
+
+def test_malformed_sets_get_one_clear_message(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "README.txt").write_text("nothing here")
+    assert "holds no file of a SCAN/3SHNet precomputed set" in shnet("import", empty, "-o", tmp_path / "c0", ok=False).output
+
+    uneven = write_set(tmp_path / "uneven", {"test": 4}, dim=8)
+    np.save(uneven / "test_seg_maps.npy", np.zeros((3, 64, 64), np.float32))
+    result = shnet("import", uneven, "-o", tmp_path / "c1", ok=False)
+    assert "the files of split 'test' disagree on the number of images" in result.output and "test_seg_maps.npy 3" in result.output
+
+    caps = write_set(tmp_path / "caps", {"test": 4}, dim=8)
+    (caps / "test_caps.txt").write_text("one caption\n" * 19)
+    result = shnet("import", caps, "-o", tmp_path / "c2", ok=False)
+    assert "test_caps.txt has 19 lines for 4 images" in result.output and "--captions-per-image" in result.output
+    (caps / "test_caps.txt").write_text("one caption\n" * 4)
+    shnet("import", caps, "-o", tmp_path / "c3", "--captions-per-image", 1)
+
+    pickled = write_set(tmp_path / "pickled", {"test": 2}, files=("caps",))
+    np.save(pickled / "test_ims.npy", np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    assert "never unpickles" in shnet("import", pickled, "-o", tmp_path / "c4", ok=False).output
+
+    mixed = write_set(tmp_path / "mixed", {"train": 3, "test": 2}, dim=8)
+    (mixed / "test_ims.npy").unlink()
+    result = shnet("import", mixed, "-o", tmp_path / "c5", ok=False)
+    assert "the splits have different .npy files" in result.output and "--split" in result.output
+    shnet("import", mixed, "-o", tmp_path / "c6", "--split", "test")
+    assert Cache(tmp_path / "c6").recorded_stages() == ["layout"]
+
+    assert "not empty" in shnet("import", mixed, "-o", tmp_path / "c6", "--split", "test", ok=False).output
