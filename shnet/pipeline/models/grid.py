@@ -39,6 +39,8 @@ TORCHVISION_ARCHITECTURES = (
     "wide_resnet101_2",
 )
 TIMM_PREFIX = "timm:"
+#: the bottom-up-attention detector's own trunk (backbone + VG res5), loading the detector's checkpoint
+BUTD_ARCHITECTURES = {"butd-r101": 101, "butd-r50": 50}
 RANDOM_WEIGHTS = "random"
 RANDOM_SEED = 0
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -88,7 +90,7 @@ class GridBackbone(nn.Module):
 def build_grid_backbone(model: str, weights: str | Path | None) -> GridBackbone:
     """The backbone ``model`` with ``weights`` (a local file, or ``"random"``), in eval mode."""
     _require_weights(model, weights)
-    state = None if weights == RANDOM_WEIGHTS else read_state_dict(weights)
+    state = None if weights == RANDOM_WEIGHTS else _read_weights(model, weights)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_SEED)
         backbone = _architecture(model)
@@ -104,7 +106,7 @@ def check_grid_weights(model: str, weights: str | Path | None) -> None:
     with torch.device("meta"):
         backbone = _architecture(model)
     if weights != RANDOM_WEIGHTS:
-        _matching_entries(backbone.net, read_state_dict(weights), str(weights), model)
+        _matching_entries(backbone.net, _read_weights(model, weights), str(weights), model)
 
 
 def _require_weights(model: str, weights) -> None:
@@ -115,13 +117,26 @@ def _require_weights(model: str, weights) -> None:
         )
 
 
+def _read_weights(model: str, weights) -> dict[str, torch.Tensor]:
+    if model in BUTD_ARCHITECTURES:
+        from .butd.grid import trunk_state
+
+        return trunk_state(weights)
+    return read_state_dict(weights)
+
+
 def _architecture(model: str) -> GridBackbone:
+    if model in BUTD_ARCHITECTURES:
+        from .butd.grid import RGB_MEAN, RGB_STD, DetectorTrunk
+
+        trunk = DetectorTrunk(BUTD_ARCHITECTURES[model])
+        return GridBackbone(trunk, model, trunk.channels, trunk.stride, RGB_MEAN, RGB_STD)
     if model.startswith(TIMM_PREFIX):
         return _timm_backbone(model)
     if model in TORCHVISION_ARCHITECTURES:
         return _torchvision_backbone(model)
     raise ShnetError(
-        f"unknown grid model {model!r}: use one of {', '.join(TORCHVISION_ARCHITECTURES)}, "
+        f"unknown grid model {model!r}: use one of {', '.join(TORCHVISION_ARCHITECTURES + tuple(BUTD_ARCHITECTURES))}, "
         f"or timm:<name> for a timm CNN (e.g. timm:resnet152)"
     )
 
