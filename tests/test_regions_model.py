@@ -16,7 +16,7 @@ import torch
 import shnet.pipeline.models  # noqa: F401 - registers the torchvision CPU operators
 from shnet.errors import CheckpointMismatchError, ShnetError
 from shnet.pipeline.models.butd import box_coder
-from shnet.pipeline.models.butd.anchors import caffe_cell_anchors, d2_cell_anchors, grid_anchors
+from shnet.pipeline.models.butd.anchors import cell_anchors, grid_anchors
 from shnet.pipeline.models.butd.checkpoint import build_detector, check_detector_weights, detector_for_state, load_state, normalise_names
 from shnet.pipeline.models.butd.conventions import CAFFE, D2
 from shnet.pipeline.models.butd.detector import BUTDDetector, preprocess, resize_scale
@@ -172,28 +172,18 @@ def test_pickle_that_would_run_code_is_refused(tmp_path):
     assert not marker.exists()
 
 
-def test_caffe_anchors_are_generate_anchors():
-    """py-faster-rcnn's generate_anchors() with scales 8, 16, 32 (its documented output)."""
-    published = [
-        [-84, -40, 99, 55], [-176, -88, 191, 103], [-360, -184, 375, 199],
-        [-56, -56, 71, 71], [-120, -120, 135, 135], [-248, -248, 263, 263],
-        [-36, -80, 51, 95], [-80, -168, 95, 183], [-168, -344, 183, 359],
-    ]  # fmt: skip
-    assert caffe_cell_anchors(sizes=(128, 256, 512)).tolist() == published
-    four = caffe_cell_anchors()
-    assert four.shape == (12, 4) and four[0].tolist() == [-38, -16, 53, 31]  # 92 x 48 around 7.5
-
-
-def test_d2_anchors_and_their_grid():
-    cell = d2_cell_anchors()
-    assert cell.shape == (12, 4)
-    w, h = cell[0, 2] - cell[0, 0], cell[0, 3] - cell[0, 1]
-    assert math.isclose(w * h, 64 * 64, rel_tol=1e-6) and math.isclose(h / w, 0.5, rel_tol=1e-6)
-    assert torch.allclose(cell[:, :2], -cell[:, 2:])
+def test_anchors_are_detectron2_default_generator_anchors():
+    cell = cell_anchors((64, 128))
+    assert cell.shape == (6, 4)
+    # size-major; ratio = height / width; area = size^2; centred on the origin
+    expected = [[-s / math.sqrt(r) / 2, -s * math.sqrt(r) / 2, s / math.sqrt(r) / 2, s * math.sqrt(r) / 2] for s in (64, 128) for r in (0.5, 1, 2)]
+    torch.testing.assert_close(cell, torch.tensor(expected), rtol=0, atol=1e-4)
+    assert cell[1].tolist() == [-32.0, -32.0, 32.0, 32.0]
+    assert CAFFE.anchor_sizes == (4, 8, 16, 32) and D2.anchor_sizes == (64, 128, 256, 512)
     grid = grid_anchors(cell, 2, 3, 16)
-    assert grid.shape == (2 * 3 * 12, 4)
+    assert grid.shape == (2 * 3 * 6, 4)
     # position (y=1, x=2), anchor 5: the cell anchor moved by (32, 16)
-    assert torch.allclose(grid[(1 * 3 + 2) * 12 + 5], cell[5] + torch.tensor([32.0, 16.0, 32.0, 16.0]))
+    assert torch.allclose(grid[(1 * 3 + 2) * 6 + 5], cell[5] + torch.tensor([32.0, 16.0, 32.0, 16.0]))
 
 
 def test_box_decoding_and_clipping_both_conventions():

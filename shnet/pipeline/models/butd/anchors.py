@@ -1,36 +1,18 @@
-"""RPN anchors: Caffe's ``generate_anchors`` (ratio-major, rounded integer sizes, pixel-inclusive
-corners) for the ``caffe`` convention, detectron2's ``DefaultAnchorGenerator`` (size-major, exact
-float sizes, offset 0) for ``d2``. Both give 12 anchors per res4 position at stride 16."""
+"""RPN anchors as detectron2's ``DefaultAnchorGenerator`` makes them (both ports use it): per size,
+per aspect ratio (height / width) a box of that area centred on the origin, then shifted to every
+res4 position (offset 0: the first anchor centred on pixel 0)."""
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
-from .conventions import ANCHOR_RATIOS, ANCHOR_SIZES
-
-BASE_SIZE = 16
+from .conventions import ANCHOR_RATIOS
 
 
-def caffe_cell_anchors(base_size: int = BASE_SIZE, ratios=ANCHOR_RATIOS, sizes=ANCHOR_SIZES) -> torch.Tensor:
-    """[A,4] anchors around the cell at the origin, as Caffe's generate_anchors (scales = sizes / base)."""
-    center = (base_size - 1) / 2.0
-    area = float(base_size * base_size)
-    anchors = []
-    for ratio in ratios:
-        ratio_w = np.round(np.sqrt(area / ratio))
-        ratio_h = np.round(ratio_w * ratio)
-        for size in sizes:
-            scale = size / base_size
-            w, h = ratio_w * scale, ratio_h * scale
-            anchors.append([center - 0.5 * (w - 1), center - 0.5 * (h - 1), center + 0.5 * (w - 1), center + 0.5 * (h - 1)])
-    return torch.tensor(anchors, dtype=torch.float32)
-
-
-def d2_cell_anchors(sizes=ANCHOR_SIZES, ratios=ANCHOR_RATIOS) -> torch.Tensor:
-    """[A,4] anchors centred on the origin, as detectron2's DefaultAnchorGenerator."""
+def cell_anchors(sizes, ratios=ANCHOR_RATIOS) -> torch.Tensor:
+    """[len(sizes) * len(ratios), 4] anchors centred on the origin, size-major."""
     anchors = []
     for size in sizes:
         for ratio in ratios:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import box_coder
-from .anchors import caffe_cell_anchors, d2_cell_anchors, grid_anchors
+from .anchors import cell_anchors, grid_anchors
 from .conventions import ANCHORS_PER_POSITION, Convention
 
 HIDDEN_CHANNELS = 512
@@ -40,8 +40,7 @@ class RPN(nn.Module):
         self.convention = convention
         self.stride = stride
         self.rpn_head = RPNHead(in_channels, convention)
-        cell = caffe_cell_anchors() if convention.softmax_objectness else d2_cell_anchors()
-        self.register_buffer("cell_anchors", cell, persistent=False)
+        self.register_buffer("cell_anchors", cell_anchors(convention.anchor_sizes), persistent=False)
 
     def object_scores(self, logits: torch.Tensor) -> torch.Tensor:
         """[B, A*k, H, W] -> [B, H, W, A] scores to rank anchors by: Caffe's softmax probability of
