@@ -601,19 +601,23 @@ class _ShardFiles:
 
     def read(self, stage: str, name: str, shards: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """The arrays of the given (shard, row) pairs, in that order."""
+        if (shards == shards[0]).all() and (np.diff(rows) == 1).all():  # the common case: consecutive rows of one shard
+            return self._dataset(stage, int(shards[0]), name)[int(rows[0]) : int(rows[-1]) + 1]
         block = None
         for shard in np.unique(shards):
             at = np.flatnonzero(shards == shard)
             wanted, inverse = np.unique(rows[at], return_inverse=True)
-            key = (stage, int(shard))
-            if key not in self.open:
-                self.open[key] = self.cache.open_arrays(stage, int(shard))
-            dataset = self.open[key][name]
+            dataset = self._dataset(stage, int(shard), name)
             values = dataset[int(wanted[0]) : int(wanted[-1]) + 1] if wanted[-1] - wanted[0] == len(wanted) - 1 else dataset[wanted]
             if block is None:
                 block = np.empty((len(shards),) + values.shape[1:], dtype=values.dtype)
             block[at] = values[inverse]
         return block
+
+    def _dataset(self, stage: str, shard: int, name: str) -> h5py.Dataset:
+        if (stage, shard) not in self.open:
+            self.open[(stage, shard)] = self.cache.open_arrays(stage, shard)
+        return self.open[(stage, shard)][name]
 
     def __enter__(self) -> "_ShardFiles":
         return self
