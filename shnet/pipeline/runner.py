@@ -246,7 +246,7 @@ def _submit_and_collect(client, request, cache, planned, stages, configs, pendin
             device=request.device,
             batch_size=request.batch_size,
         )
-        needs = [futures[(need, shard)] for need in stage.requires if (need, shard) in futures]
+        needs = [futures[(need, shard)] for need in stage.requires + stage.uses if (need, shard) in futures]
         futures[(name, shard)] = client.submit(
             run_shard,
             job,

@@ -56,6 +56,8 @@ class Stage:
 
     name: ClassVar[str]
     requires: ClassVar[tuple[str, ...]] = ()
+    # stages read when the cache has them: when they run in the same extract, this stage waits for them
+    uses: ClassVar[tuple[str, ...]] = ()
     defaults: ClassVar[dict[str, Any]] = {}
     # options that name where something is rather than what it is: not part of the config identity
     location_keys: ClassVar[tuple[str, ...]] = ()

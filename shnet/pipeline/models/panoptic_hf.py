@@ -1,0 +1,188 @@
+"""Backend ``hf`` of stage ``panoptic``: a transformers universal-segmentation model (Mask2Former,
+MaskFormer, OneFormer) from a local folder, with its own image processor and panoptic post-processing.
+
+Images are preprocessed one by one (the processor's resize/normalise, in the decode thread), padded
+into a batch with a pixel mask, and run together. Each image's query masks are cropped back to its
+valid area before the library's ``post_process_panoptic_segmentation`` (stuff classes fused) scales
+them to full resolution, so padding never shifts a segment. The per-class probability volume is the
+library's semantic combination (softmax class scores of the queries, no-object dropped, times
+sigmoid masks) averaged per 7x7 cell of the valid area: since that combination is linear in the
+masks, the masks are average-pooled first, which is exact and cheap.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ...data import coco_panoptic_categories
+from ...errors import ShnetError
+from ..segmaps import CELLS, NUM_CLASSES, VOID, PanopticResult, segments_from_id_map
+from .panoptic_labels import match_labels, read_label_map
+
+SUPPORTED = ("mask2former", "maskformer", "oneformer")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+@dataclass
+class HFPanoptic:
+    """A loaded model folder: model, processor, label lookup (model id -> COCO index) and its kind."""
+
+    model: Any
+    processor: Any
+    lut: np.ndarray
+    kind: str
+    fuse: set
+    name: str
+
+
+def read_model_config(folder: str | None) -> dict:
+    """The folder's config.json, after checking the folder is a supported model saved offline."""
+    if folder is None:
+        raise ShnetError(
+            "stage 'panoptic' (backend hf) needs a local Hugging Face model folder: "
+            "--set panoptic.model=/path/to/mask2former-swin-large-coco-panoptic "
+            "(a folder saved with save_pretrained; see README 'Panoptic segmentation'), "
+            "or use COCO-format annotations instead: --set panoptic.backend=coco --set panoptic.annotations=/path/panoptic.json"
+        )
+    path = Path(folder).expanduser()
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ShnetError(f"panoptic.model {path} is not a Hugging Face model folder (no config.json); save one with model.save_pretrained(PATH) and processor.save_pretrained(PATH)")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ShnetError(f"{config_file} is not valid JSON: {exc}") from exc
+    kind = config.get("model_type")
+    if kind not in SUPPORTED:
+        raise ShnetError(f"panoptic.model {path} holds a '{kind}' model; the hf backend runs {', '.join(SUPPORTED)} universal-segmentation models")
+    if not (path / "preprocessor_config.json").is_file():
+        raise ShnetError(f"panoptic.model {path} has no preprocessor_config.json: save the model's image processor there too (processor.save_pretrained(PATH))")
+    if not any((path / name).is_file() for name in WEIGHT_FILES):
+        raise ShnetError(f"panoptic.model {path} has no weights ({' or '.join(WEIGHT_FILES[::2])})")
+    if not config.get("id2label"):
+        raise ShnetError(f"{config_file} has no id2label: the model's label set is needed to match it to the COCO panoptic classes")
+    return config
+
+
+def label_lookup(folder: str, label_map_path: str | None) -> np.ndarray:
+    config = read_model_config(folder)
+    id2label = {int(k): v for k, v in config["id2label"].items()}
+    return match_labels(id2label, read_label_map(label_map_path), f"panoptic.model {folder}", label_map_path)
+
+
+def check_hf_model(folder: str | None, label_map_path: str | None) -> None:
+    """Config, label set and weights checked once in the client: the weights must load with no
+    missing or unexpected parameter."""
+    label_lookup(folder, label_map_path)
+    load_hf_panoptic(folder, label_map_path, "cpu")
+
+
+def load_hf_panoptic(folder: str, label_map_path: str | None, device: str) -> HFPanoptic:
+    from transformers import AutoImageProcessor, AutoModelForUniversalSegmentation, AutoProcessor
+    from transformers.utils import logging as hf_logging
+
+    lut = label_lookup(folder, label_map_path)
+    kind = read_model_config(folder)["model_type"]
+    path = str(Path(folder).expanduser())
+    verbosity, progress = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        model, info = AutoModelForUniversalSegmentation.from_pretrained(path, output_loading_info=True, local_files_only=True)
+        if kind == "oneformer":
+            try:
+                processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+            except (OSError, ValueError, TypeError) as exc:
+                raise ShnetError(
+                    f"panoptic.model {path}: a OneFormer folder needs its text tokenizer saved beside the model "
+                    f"(processor.save_pretrained(PATH) of a OneFormerProcessor); loading it failed: {exc}"
+                ) from exc
+        else:
+            processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
+    except OSError as exc:
+        raise ShnetError(f"panoptic.model {path} could not be loaded: {exc}") from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if progress:
+            hf_logging.enable_progress_bar()
+    problems = [f"missing {k}" for k in info.get("missing_keys", [])] + [f"unexpected {k}" for k in info.get("unexpected_keys", [])]
+    problems += [f"shape mismatch {m}" for m in info.get("mismatched_keys", [])]
+    if problems:
+        shown = "; ".join(problems[:8]) + (f" and {len(problems) - 8} more" if len(problems) > 8 else "")
+        raise ShnetError(f"panoptic.model {path}: the weights do not match the model's config ({shown}); re-save the folder with save_pretrained")
+    things = [c.is_thing for c in coco_panoptic_categories()]
+    fuse = {int(i) for i, c in enumerate(lut) if c != VOID and not things[c]}
+    model.eval()
+    if device.startswith("cuda"):
+        model.to(device)
+    return HFPanoptic(model=model, processor=processor, lut=lut, kind=kind, fuse=fuse, name=Path(path).name)
+
+
+def preprocess(rgb: np.ndarray, bundle: HFPanoptic) -> tuple[torch.Tensor, tuple[int, int]]:
+    """The processor's pixel values [3,h,w] of one image, and its full-resolution (height, width)."""
+    kwargs = {"task_inputs": ["panoptic"]} if bundle.kind == "oneformer" else {}
+    encoded = bundle.processor(images=[np.array(rgb)], return_tensors="pt", **kwargs)
+    return encoded["pixel_values"][0], rgb.shape[:2]
+
+
+def infer(bundle: HFPanoptic, prepared: list, options: dict, device: str) -> list[PanopticResult]:
+    """Run one batch; ``options`` holds threshold, mask_threshold and overlap_threshold."""
+    pixels = [p[0] for p in prepared]
+    height = max(p.shape[1] for p in pixels)
+    width = max(p.shape[2] for p in pixels)
+    batch = torch.zeros((len(pixels), 3, height, width), dtype=pixels[0].dtype)
+    mask = torch.zeros((len(pixels), height, width), dtype=torch.long)
+    for i, p in enumerate(pixels):
+        batch[i, :, : p.shape[1], : p.shape[2]] = p
+        mask[i, : p.shape[1], : p.shape[2]] = 1
+    inputs = {"pixel_values": batch.to(device), "pixel_mask": mask.to(device)}
+    if bundle.kind == "oneformer":
+        task = bundle.processor(images=[np.zeros((32, 32, 3), np.uint8)], task_inputs=["panoptic"], return_tensors="pt")["task_inputs"]
+        inputs["task_inputs"] = task.expand(len(pixels), -1).to(device)
+    with torch.inference_mode():
+        out = bundle.model(**inputs)
+    class_logits = out.class_queries_logits.float().cpu()
+    mask_logits = out.masks_queries_logits.float().cpu()
+    results = []
+    for i, (p, full_hw) in enumerate(prepared):
+        rows = round(p.shape[1] * mask_logits.shape[-2] / height)
+        cols = round(p.shape[2] * mask_logits.shape[-1] / width)
+        masks = mask_logits[i : i + 1, :, :rows, :cols]
+        results.append(_one_image(bundle, class_logits[i : i + 1], masks, full_hw, options))
+    return results
+
+
+def _one_image(bundle: HFPanoptic, class_logits: torch.Tensor, masks: torch.Tensor, full_hw, options: dict) -> PanopticResult:
+    processed = bundle.processor.post_process_panoptic_segmentation(
+        SimpleNamespace(class_queries_logits=class_logits, masks_queries_logits=masks),
+        threshold=options["threshold"],
+        mask_threshold=options["mask_threshold"],
+        overlap_mask_area_threshold=options["overlap_threshold"],
+        label_ids_to_fuse=bundle.fuse,
+        target_sizes=[tuple(int(s) for s in full_hw)],
+    )[0]
+    info = {int(s["id"]): s for s in processed["segments_info"]}
+    classes = {sid: int(bundle.lut[int(s["label_id"])]) for sid, s in info.items()}
+    class_map, segments = segments_from_id_map(processed["segmentation"].cpu().numpy(), classes)
+    for segment in segments:
+        segment["score"] = float(info[segment["segment"]]["score"])
+    return PanopticResult(class_map=class_map, segments=segments, probs=_pooled_probabilities(bundle.lut, class_logits[0], masks[0]))
+
+
+def _pooled_probabilities(lut: np.ndarray, class_logits: torch.Tensor, masks: torch.Tensor) -> np.ndarray:
+    """[133,7,7]: per-pixel class probabilities averaged per cell, model classes summed into COCO classes."""
+    class_probs = class_logits.softmax(-1)[:, :-1]
+    pooled_masks = F.adaptive_avg_pool2d(masks.sigmoid()[None], CELLS)[0]
+    model_probs = torch.einsum("qc,qhw->chw", class_probs, pooled_masks).numpy()
+    out = np.zeros((NUM_CLASSES, CELLS, CELLS), dtype=np.float32)
+    known = lut[: model_probs.shape[0]] != VOID
+    np.add.at(out, lut[: model_probs.shape[0]][known], model_probs[known])
+    return out
