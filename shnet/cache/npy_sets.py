@@ -19,13 +19,15 @@ and copied in blocks of at most :data:`CHUNK_BYTES`.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 import re
+import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, ContextManager, Iterator, Sequence
 
 import h5py
 import numpy as np
@@ -33,7 +35,7 @@ import pandas as pd
 
 from ..errors import ShnetError
 from .captions import read_cache_captions, write_cache_captions
-from .store import Cache, CacheLock, atomic_write_parquet, create_cache
+from .store import Cache, atomic_write_parquet, create_cache
 from .streaming import write_stage_chunks
 
 CHUNK_BYTES = 64 * 2**20  # the most array bytes read and written at once
@@ -282,30 +284,38 @@ def import_sets(
     captions_per_image: int = DEFAULT_CAPTIONS_PER_IMAGE,
     shard_size: int = 1000,
     log: Callable[[str], None] = print,
+    progress: Callable[[str, int], ContextManager] | None = None,
 ) -> ImportReport:
-    """Import the precomputed set in ``folder`` (its ``splits``, default all) into a new cache."""
+    """Import the precomputed set in ``folder`` (its ``splits``, default all) into a new cache.
+
+    The cache is built in a hidden sibling folder and renamed into place when complete, so an
+    interrupted import leaves no half cache under the given name. ``progress(label, total)`` may
+    give a context manager whose ``update(rows)`` hears of every block written.
+    """
     if captions_per_image < 1:
         raise ShnetError(f"--captions-per-image must be at least 1 (got {captions_per_image})")
     folder = Path(folder).expanduser().resolve()
     root = Path(cache_root).expanduser().resolve()
-    if root.exists() and any(root.iterdir()):
-        raise ShnetError(f"{root} already exists and is not empty; import into a new -o directory")
+    _refuse_existing(root)
     opened = [open_split(files, captions_per_image) for files in find_splits(folder, splits).values()]
     kinds = _common_kinds(opened)
     dtypes = {name: _cache_dtype(opened, name) for name in kinds}
     kept = _distinct_images(opened, kinds)
     image_ids = [split.image_ids[i] for split in opened for i in kept[split.split]]
     frame = pd.DataFrame({"image_id": image_ids, "path": "", "bytes": -1, "status": "ok", "error": ""})
-    root.mkdir(parents=True, exist_ok=True)
-    with CacheLock(root):
-        cache = create_cache(root, frame, shard_size, roots=[str(folder)])
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = root.with_name(f".{root.name}.importing-{uuid.uuid4().hex[:8]}")
+    try:
+        cache = create_cache(staging, frame, shard_size, roots=[str(folder)])
         stages = []
         for stage in dict.fromkeys(KINDS[name].stage for name in kinds):
             stage_kinds = [KINDS[name] for name in kinds if KINDS[name].stage == stage]
             config = {"source": "npy-import", "folder": str(folder), "files": [k.name for k in stage_kinds]}
             columns = ("num_boxes",) if stage == "regions" else ()
-            log(f"importing stage '{stage}' ({', '.join(f'{{split}}_{k.name}.npy' for k in stage_kinds)}) for {len(image_ids)} images")
-            write_stage_chunks(cache, stage, config, _stage_blocks(opened, stage_kinds, kept, dtypes), table_columns=columns)
+            label = f"{stage} ({', '.join(k.name for k in stage_kinds)})"
+            with (progress or _no_progress)(label, len(image_ids)) as bar:
+                blocks = _counted(_stage_blocks(opened, stage_kinds, kept, dtypes), bar)
+                write_stage_chunks(cache, stage, config, blocks, table_columns=columns)
             stages.append(stage)
         captions = _captions_frame(opened, captions_per_image)
         if len(captions):
@@ -324,7 +334,29 @@ def import_sets(
             "splits": {s.split: _split_record(s) for s in opened},
         }
         cache.save_record()
-    return ImportReport(cache.root, {s.split: s.num_images for s in opened}, len(image_ids), stages, len(captions))
+        _refuse_existing(root)
+        os.replace(staging, root)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log(f"imported {folder} into {root}")
+    return ImportReport(root, {s.split: s.num_images for s in opened}, len(image_ids), stages, len(captions))
+
+
+def _refuse_existing(root: Path) -> None:
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise ShnetError(f"{root} already exists and is not empty; import into a new -o directory")
+
+
+@contextlib.contextmanager
+def _no_progress(label: str, total: int):
+    yield None
+
+
+def _counted(blocks: Iterator[dict], bar) -> Iterator[dict]:
+    for block in blocks:
+        yield block
+        if bar is not None:
+            bar.update(len(next(iter(block.values()))))
 
 
 def _common_kinds(opened: list[OpenSplit]) -> list[str]:

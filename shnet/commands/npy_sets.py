@@ -6,6 +6,8 @@ export driven by a caption file, turns that file's split into the ordered images
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from ..cache import Cache
@@ -16,6 +18,10 @@ from ..trainer.captions import match_images, read_captions, select_split
 
 def _log(message: str) -> None:
     click.echo(message, err=True)
+
+
+def _progress_bar(label: str, total: int):
+    return click.progressbar(length=total, label=f"importing {label}", file=sys.stderr, show_pos=True)
 
 
 @click.command("import")
@@ -34,7 +40,7 @@ def import_command(folder, cache, splits, captions_per_image, shard_size) -> Non
     """Import a SCAN/3SHNet precomputed set (FOLDER with {split}_ims.npy, {split}_segmentations.npy,
     {split}_seg_maps.npy, {split}_cat_onehots.npy, {split}_caps.txt, {split}_ids.txt; any subset)
     into a new cache with stages regions and layout and the captions, ready for `shnet train`."""
-    report = import_sets(folder, cache, splits, captions_per_image, shard_size, log=_log)
+    report = import_sets(folder, cache, splits, captions_per_image, shard_size, log=_log, progress=_progress_bar)
     listing = ", ".join(f"{split} {count}" for split, count in report.splits.items())
     click.echo(
         f"{report.cache}: {report.images} images (splits: {listing}), stages: {', '.join(report.stages) or 'none'}, "
