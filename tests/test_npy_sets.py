@@ -147,6 +147,11 @@ def test_train_and_evaluate_an_imported_cache_without_a_caption_file(tmp_path):
     result = shnet("train", "--cache", tmp_path / "bare", "-o", tmp_path / "run2", *tiny, ok=False)
     assert "no --captions FILE given and no given cache holds captions" in result.output
 
+    partial = write_set(tmp_path / "partial", {"train": 8, "dev": 2}, files=("ims", "segmentations", "cat_onehots", "caps"), dim=16)
+    shnet("import", partial, "-o", tmp_path / "partial-cache")
+    result = shnet("train", "--cache", tmp_path / "partial-cache", "-o", tmp_path / "run3", *tiny, ok=False)
+    assert "needs array(s) seg_map of stage 'layout'" in result.output
+
 
 def extracted_cache(root, image_ids, regions: bool, seed=0):
     """A cache as `shnet extract` writes it: fp16 seg_feat, uint8 maps, padded fp16 region features."""

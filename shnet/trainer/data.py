@@ -29,6 +29,7 @@ from ..cache import Cache
 from .captions import CaptionSet, match_images
 
 LEVEL_STAGES = {"region": ("regions", "layout"), "grid": ("grid", "layout")}
+MODEL_ARRAYS = {"regions": ("features", "num_boxes"), "grid": ("grid", "valid_hw"), "layout": ("seg_feat", "seg_map", "cat_onehot")}
 REGION_DROPOUT = 0.2
 _RAM_HEADROOM = 0.8  # share of the available memory that --in-memory may fill
 _VARIABLE_LEADING_DIMS = {"features": 1, "boxes": 1, "grid": 2}  # box count / grid size may differ between caches
@@ -107,6 +108,12 @@ class FeatureIndex:
                         skip = _VARIABLE_LEADING_DIMS.get(name, 0)
                         if seen[skip:] != shape[skip:]:
                             raise ShnetError(f"{path}: '{name}' has per-image shape {shape}, other shards of stage '{stage}' have {seen}")
+            lacking = [name for name in MODEL_ARRAYS[stage] if f"{stage}/{name}" not in shapes]
+            if lacking:
+                raise ShnetError(
+                    f"the {self.level} model needs array(s) {', '.join(lacking)} of stage '{stage}', which the given caches lack "
+                    "(a cache imported from a set without those .npy files?); add a cache that holds them with --cache"
+                )
         return shapes
 
     @property
