@@ -1,0 +1,214 @@
+"""Stage `layout` and its computations: known answers on hand-made maps, then through `shnet extract`."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+
+from shnet.cache import Cache, write_stage
+from shnet.cli import main
+from shnet.data import coco_panoptic_categories
+from shnet.pipeline import segmaps
+from shnet.pipeline.segmaps import VOID
+from shnet.pipeline.stages import with_dependencies
+
+from panoptic_helpers import blocky_annotations
+
+
+def torch_nearest(full: np.ndarray, size=(64, 64)) -> np.ndarray:
+    """The pixel-centre nearest-neighbour resize as torch computes it (mode nearest-exact)."""
+    tensor = torch.from_numpy(full.astype(np.float32))[None, None]
+    return F.interpolate(tensor, size=size, mode="nearest-exact")[0, 0].numpy().astype(np.uint8)
+
+
+@pytest.mark.parametrize(
+    "shape, resolution",
+    [((480, 640), 320), ((427, 640), 320), ((333, 500), 320), ((1000, 70), 320), ((50, 40), 320), ((64, 300), 64), ((97, 1301), 100), ((2000, 2000), 320)],
+)
+def test_seg_map_from_the_stored_map_equals_the_full_resolution_resize(shape, resolution):
+    full = np.random.default_rng(sum(shape)).integers(0, 134, size=shape).astype(np.uint8)
+    full[full == 133] = VOID
+    stored = segmaps.downsample_for_storage(full, resolution)
+    assert max(stored.shape) <= resolution and min(stored.shape) >= min(64, min(shape))
+    np.testing.assert_array_equal(segmaps.seg_map_from_stored(stored), torch_nearest(full))
+
+
+def test_stored_map_is_a_nearest_neighbour_down_sampling():
+    full = np.repeat(np.repeat(np.arange(100).reshape(10, 10) % 133, 48, axis=0), 64, axis=1).astype(np.uint8)  # 480x640 blocks
+    stored = segmaps.downsample_for_storage(full, 320)
+    assert stored.shape == (240, 320)
+    # every stored pixel reads a full-resolution pixel of its own footprint's block
+    np.testing.assert_array_equal(stored, torch_nearest(full, (240, 320)))
+
+
+def test_cell_area_fractions_known_answers():
+    class_map = np.full((14, 14), VOID, np.uint8)
+    class_map[:, :7] = 3  # left half
+    class_map[:4, 7:] = 9  # top-right strip, 4 rows
+    fractions = segmaps.cell_area_fractions(class_map)
+    assert fractions.shape == (133, 7, 7)
+    np.testing.assert_array_equal(fractions[3][:, :3], 1.0)
+    np.testing.assert_allclose(fractions[3][:, 3], 0.5)  # column 3 spans pixels 6..7
+    np.testing.assert_allclose(fractions[9][:2, 4:], 1.0)
+    np.testing.assert_allclose(fractions[9][2:, 4:], 0.0)
+    np.testing.assert_allclose(fractions[9][:2, 3], 0.5)
+    assert fractions.sum(0).max() <= 1.0 and fractions.sum(0).min() == 0.0  # void-only cells sum to 0
+
+
+def test_cell_area_fractions_equal_adaptive_average_pooling_of_the_one_hot_map():
+    class_map = np.random.default_rng(1).integers(0, 134, size=(23, 31)).astype(np.uint8)
+    class_map[class_map == 133] = VOID
+    one_hot = np.zeros((133, 23, 31), np.float32)
+    rows, cols = np.nonzero(class_map != VOID)
+    one_hot[class_map[rows, cols], rows, cols] = 1
+    expected = F.adaptive_avg_pool2d(torch.from_numpy(one_hot)[None], 7)[0].numpy()
+    np.testing.assert_allclose(segmaps.cell_area_fractions(class_map), expected, atol=1e-6)
+
+
+def test_float16_rounding_keeps_cells_at_most_one():
+    fractions = segmaps.cell_area_fractions(np.random.default_rng(2).integers(0, 133, size=(320, 213)).astype(np.uint8))
+    half = segmaps.float16_at_most(fractions)
+    assert half.dtype == np.float16 and (half.astype(np.float32) <= fractions).all()
+    assert half.astype(np.float64).sum(0).max() <= 1.0
+    assert np.abs(half.astype(np.float32) - fractions).max() < 1e-3
+
+
+def test_present_classes_follow_the_100_pixel_rule():
+    onehot = segmaps.present_classes([5, 5, 7, 9, 132], [60, 41, 100, 101, 5000])
+    assert onehot.dtype == np.uint8 and onehot.shape == (133,)
+    assert np.nonzero(onehot)[0].tolist() == [5, 9, 132]  # 60 + 41 > 100; exactly 100 is not more than 100
+    assert segmaps.present_classes([], []).sum() == 0
+
+
+def test_box_histograms_saliency_and_geometry_known_answers():
+    class_map = np.full((50, 100), VOID, np.uint8)  # a 200x400 image stored at half size
+    class_map[:, :50] = 4
+    class_map[:25, 50:] = 8
+    boxes = np.array([[0, 0, 100, 100], [100, 0, 300, 100], [200, 0, 400, 200], [10, 10, 10.5, 10.5]], np.float32)
+    hist = segmaps.box_class_histograms(class_map, boxes, (200, 400))
+    np.testing.assert_allclose(hist[0, 4], 1.0)
+    np.testing.assert_allclose(hist[1, [4, 8]], [0.5, 0.5])
+    np.testing.assert_allclose(hist[2, 8], 0.5)  # lower half of that box is void
+    assert hist[2].sum() == pytest.approx(0.5)
+    np.testing.assert_allclose(hist[3, 4], 1.0)  # a sub-pixel box reads the pixel holding its centre
+    saliency = np.zeros((10, 10), np.float16)
+    saliency[:5, :] = 1.0  # top half of the image salient
+    mean = segmaps.box_mean_saliency(saliency, boxes[:3], (200, 400))
+    np.testing.assert_allclose(mean, [1.0, 1.0, 0.5])
+    geometry = segmaps.box_geometry(boxes[:3], (200, 400))
+    np.testing.assert_allclose(geometry[0], [0, 0, 0.25, 0.5, 0.25, 0.5, 0.125])
+    np.testing.assert_allclose(geometry[2], [0.5, 0, 1.0, 1.0, 0.5, 1.0, 0.5])
+
+
+def test_segments_from_an_id_map():
+    ids = np.zeros((6, 8), np.int64)
+    ids[1:3, 2:6] = 70001  # segment of class 12
+    ids[4:6, 0:2] = 5  # segment of class 100
+    ids[0, 7] = 9  # a segment whose class maps to void
+    class_map, segments = segmaps.segments_from_id_map(ids, {70001: 12, 5: 100, 9: VOID})
+    assert class_map[1, 2] == 12 and class_map[5, 1] == 100 and class_map[0, 7] == VOID and class_map[0, 0] == VOID
+    by_id = {s["segment"]: s for s in segments}
+    assert set(by_id) == {70001, 5}
+    assert by_id[70001]["area"] == 8 and by_id[70001]["bbox"] == (2, 1, 4, 2)
+    assert by_id[5]["category"] == 100 and by_id[5]["bbox"] == (0, 4, 2, 2)
+
+
+def test_layout_runs_after_the_stages_it_uses_when_they_run_too():
+    assert with_dependencies(["layout"]) == ["probe", "panoptic", "layout"]
+    order = with_dependencies(["layout", "saliency", "regions"])
+    assert order.index("saliency") < order.index("layout") and order.index("regions") < order.index("layout")
+
+
+# --- the stage through `shnet extract` ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def annotated(photo_dir, tmp_path_factory):
+    """The test photos with hand-made COCO panoptic annotations at their full resolution."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("layout-annotations")
+    sizes = {p.stem: Image.open(p).size[::-1] for p in sorted(photo_dir.rglob("*.*"))}
+    json_path, made = blocky_annotations(root, sizes, seed=3)
+    return json_path, made
+
+
+def extract(*args):
+    result = CliRunner().invoke(main, ["extract", *map(str, args)])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_layout_stage_matches_direct_computations_on_the_full_resolution_maps(photo_dir, annotated, tmp_path):
+    json_path, made = annotated
+    cache = tmp_path / "cache"
+    coco = ["--set", "panoptic.backend=coco", "--set", f"panoptic.annotations={json_path}", "--set", "panoptic.resolution=96"]
+    extract(photo_dir, "-o", cache, "--stages", "panoptic,saliency", *coco, "--set", "saliency.resolution=32", "--workers", 1)
+    images = Cache(cache).images()
+    ids = images["image_id"].tolist()
+    # hand-made regions: boxes in image pixels, a different count per image, K = 4
+    k, rng = 4, np.random.default_rng(0)
+    hw = images[["height", "width"]].to_numpy().astype(np.int32)
+    counts = np.array([4, 0, 2, 1, 3, 4, 1][: len(ids)], np.int32)
+    boxes = np.zeros((len(ids), k, 4), np.float32)
+    for i, (h, w) in enumerate(hw):
+        for j in range(counts[i]):
+            x1, y1 = rng.uniform(0, w * 0.6), rng.uniform(0, h * 0.6)
+            boxes[i, j] = [x1, y1, min(w, x1 + rng.uniform(2, w * 0.4)), min(h, y1 + rng.uniform(2, h * 0.4))]
+    write_stage(cache, "regions", ids, {"boxes": boxes, "num_boxes": counts, "image_hw": hw}, {"source": "hand-made"}, table={"num_boxes": counts})
+    extract(photo_dir, "-o", cache, "--stages", "layout", *coco, "--set", "saliency.resolution=32", "--workers", 1)
+
+    index = {c.id: c.index for c in coco_panoptic_categories()}
+    table = Cache(cache).stage_table("layout")
+    assert (table["status"] == "ok").all(), table
+    with h5py.File(cache / "layout" / "00000.h5") as h5, h5py.File(cache / "panoptic" / "00000.h5") as pan, h5py.File(cache / "saliency" / "00000.h5") as sal:
+        assert h5["seg_feat"].dtype == np.float16 and h5["seg_map"].dtype == np.uint8 and h5["cat_onehot"].dtype == np.uint8
+        assert h5["region_class_hist"].shape == (len(ids), k, 133) and h5["region_geometry"].shape == (len(ids), k, 7)
+        for i, image_id in enumerate(ids):
+            segment_ids, segments = made[image_id.split("/")[-1]]
+            full = np.full(segment_ids.shape, VOID, np.uint8)
+            areas = {}
+            for sid, cid in segments:
+                full[segment_ids == sid] = index[cid]
+                areas[index[cid]] = areas.get(index[cid], 0) + int((segment_ids == sid).sum())
+            np.testing.assert_array_equal(h5["seg_map"][i], torch_nearest(full))
+            expected_present = sorted(c for c, a in areas.items() if a > 100)
+            assert np.nonzero(h5["cat_onehot"][i])[0].tolist() == expected_present
+            h, w = pan["map_hw"][i]
+            stored = pan["class_map"][i, :h, :w]
+            np.testing.assert_array_equal(h5["seg_feat"][i], segmaps.float16_at_most(segmaps.cell_area_fractions(stored)))
+            n = counts[i]
+            np.testing.assert_allclose(h5["region_geometry"][i, :n], segmaps.box_geometry(boxes[i, :n], tuple(hw[i])), rtol=1e-6)
+            np.testing.assert_allclose(
+                h5["region_saliency"][i, :n], segmaps.box_mean_saliency(sal["saliency"][i], boxes[i, :n], tuple(hw[i])), atol=1e-3
+            )
+            hist = h5["region_class_hist"][i].astype(np.float32)
+            np.testing.assert_allclose(hist[:n], segmaps.box_class_histograms(stored, boxes[i, :n], tuple(hw[i])), atol=1e-3)
+            assert not hist[n:].any() and not h5["region_geometry"][i, n:].any()
+
+
+def test_layout_without_regions_and_from_probabilities(photo_dir, annotated, tmp_path):
+    json_path, _ = annotated
+    cache = tmp_path / "cache"
+    extract(photo_dir, "-o", cache, "--stages", "layout", "--set", "panoptic.backend=coco", "--set", f"panoptic.annotations={json_path}",
+            "--set", "layout.seg_feat=probs", "--workers", 1)
+    with h5py.File(cache / "layout" / "00000.h5") as h5, h5py.File(cache / "panoptic" / "00000.h5") as pan:
+        assert set(h5) == {"seg_feat", "seg_map", "cat_onehot"}
+        np.testing.assert_array_equal(h5["seg_feat"][:], pan["probs"][:])  # coco backend: zeros
+    assert pd.read_parquet(cache / "layout" / "table")["status"].eq("ok").all()
+
+
+def test_layout_options_and_missing_model_are_refused_before_anything_runs(photo_dir, annotated, tmp_path):
+    json_path, _ = annotated
+    result = CliRunner().invoke(main, ["extract", str(photo_dir), "-o", str(tmp_path / "c"), "--stages", "layout"])
+    assert result.exit_code == 1
+    assert "--set panoptic.model=/path/to/" in result.output and "--set panoptic.backend=coco" in result.output
+    coco = ["--set", "panoptic.backend=coco", "--set", f"panoptic.annotations={json_path}"]
+    result = CliRunner().invoke(main, ["extract", str(photo_dir), "-o", str(tmp_path / "c"), "--stages", "layout", *coco, "--set", "layout.seg_feat=mean"])
+    assert result.exit_code == 1 and "layout.seg_feat must be one of area, probs (got 'mean')" in result.output
+    assert not (tmp_path / "c").exists()
