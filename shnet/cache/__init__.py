@@ -1,5 +1,6 @@
 """The cache contract both halves of shnet share: the on-disk layout, atomic shard commits, the
-cache record, readers, inspect/verify (and, later, import/export of precomputed ``.npy`` sets).
+cache record, readers, inspect/verify, captions stored in a cache, and import/export of the SCAN/3SHNet
+precomputed ``.npy`` sets (:mod:`shnet.cache.npy_sets`).
 
 The pipeline writes caches through it and the trainer reads them through it; neither reaches into
 the other.
@@ -17,6 +18,7 @@ from .store import (
     create_cache,
     write_stage,
 )
+from .streaming import write_stage_chunks
 
 __all__ = [
     "CACHE_RECORD",
@@ -29,4 +31,5 @@ __all__ = [
     "atomic_write_parquet",
     "create_cache",
     "write_stage",
+    "write_stage_chunks",
 ]
