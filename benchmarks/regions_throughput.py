@@ -1,0 +1,113 @@
+"""Stage ``regions`` throughput: the bare detector forward versus `shnet extract --stages regions`.
+
+Bare: the random-initialised detector over images decoded and preprocessed beforehand (decode and
+preprocess excluded), batched as the stage batches them, in one process with all cores' threads.
+Pipeline: a real `shnet extract --stages regions` over the same images with one worker holding the
+same threads, timed from command start to end (cluster start, model build, decoding, HDF5 writes
+included). On a CUDA machine the bare forward is also timed at batch 1 vs batched and fp32 vs fp16
+autocast, with the largest feature deviation autocast causes.
+
+    python benchmarks/regions_throughput.py [--images 8] [--depth 101] [--min-size 600] [--max-size 1000]
+                                           [--post-nms-topk 100] [--batch-size 4] [--device cpu]
+
+Last line: pipeline_efficiency=<bare s/img / pipeline s/img>  (goal >= 0.85)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from _images import write_image_set  # noqa: E402
+
+
+def prepared_images(folder: Path, min_size: int, max_size: int) -> list:
+    from shnet.pipeline.images import decode_image, discover_images
+    from shnet.pipeline.models.butd.detector import preprocess
+
+    return [preprocess(decode_image(p), min_size, max_size) for p in discover_images([folder])["path"].tolist()]
+
+
+def bare_seconds_per_image(model, prepared, options, batch_size: int, autocast) -> tuple[float, list]:
+    import torch
+
+    from shnet.pipeline.models.butd.extract import extract_regions
+
+    regions = []
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for i in range(0, len(prepared), batch_size):
+        regions += extract_regions(model, prepared[i : i + batch_size], options, autocast)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / len(prepared), regions
+
+
+def pipeline_seconds_per_image(folder: Path, cache: Path, args, count: int) -> float:
+    command = [
+        sys.executable, "-m", "shnet", "extract", str(folder), "-o", str(cache), "--stages", "regions",
+        "--set", "regions.weights=random", "--set", f"regions.depth={args.depth}",
+        "--set", f"regions.min_size={args.min_size}", "--set", f"regions.max_size={args.max_size}",
+        "--set", f"regions.post_nms_topk={args.post_nms_topk}", "--set", f"regions.num_boxes={args.num_boxes}",
+        "--workers", "1", "--batch-size", str(args.batch_size), "--shard-size", str(count), "--device", args.device,
+    ]  # fmt: skip
+    start = time.perf_counter()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    return (time.perf_counter() - start) / count
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=8)
+    parser.add_argument("--depth", type=int, default=101)
+    parser.add_argument("--min-size", type=int, default=600)
+    parser.add_argument("--max-size", type=int, default=1000)
+    parser.add_argument("--post-nms-topk", type=int, default=100, help="proposals through the res5 head per image (extractors: 300)")
+    parser.add_argument("--num-boxes", type=int, default=36)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    args = parser.parse_args()
+
+    import numpy as np
+    import torch
+
+    from shnet.pipeline.models.butd.checkpoint import build_detector
+    from shnet.pipeline.models.butd.extract import SelectionOptions
+    from shnet.pipeline.stages.devices import autocast_for, to_device
+
+    cores = len(os.sched_getaffinity(0))
+    torch.set_num_threads(cores)
+    options = SelectionOptions("caffe", args.num_boxes, args.num_boxes, 0.2, 0.3, 6000, args.post_nms_topk, 0.7)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = write_image_set(Path(tmp) / "images", args.images, size=(480, 640))
+        prepared = prepared_images(folder, args.min_size, args.max_size)
+        model = to_device(build_detector("random", args.depth, False)[0], args.device)
+        bare_seconds_per_image(model, prepared[:1], options, 1, contextlib.nullcontext())  # warm-up
+        bare, exact = bare_seconds_per_image(model, prepared, options, args.batch_size, contextlib.nullcontext())
+        print(f"images={args.images} (480x640 -> {prepared[0].resized_hw}) depth={args.depth} post_nms_topk={args.post_nms_topk} "
+              f"num_boxes={args.num_boxes} batch={args.batch_size} device={args.device} threads={cores}")
+        print(f"bare_s_per_img={bare:.3f}  (detector forward + selection, fp32)")
+        if args.device == "cuda":
+            single, _ = bare_seconds_per_image(model, prepared, options, 1, contextlib.nullcontext())
+            mixed, fast = bare_seconds_per_image(model, prepared, options, args.batch_size, autocast_for("cuda"))
+            same = [a.boxes.shape == b.boxes.shape and np.allclose(a.boxes, b.boxes, atol=0.5) for a, b in zip(exact, fast)]
+            deviation = max(float(np.abs(a.features - b.features).max()) for a, b in zip(exact, fast) if a.features.shape == b.features.shape)
+            print(f"bare_batch1_s_per_img={single:.3f}  bare_autocast_s_per_img={mixed:.3f}")
+            print(f"autocast: same boxes in {sum(same)}/{len(same)} images, max |feature fp32 - fp16| = {deviation:.4f}")
+        del model
+        piped = pipeline_seconds_per_image(folder, Path(tmp) / "cache", args, len(prepared))
+    print(f"pipeline_s_per_img={piped:.3f}  (whole `shnet extract --stages regions` wall time, 1 worker x {cores} threads)")
+    print(f"pipeline_efficiency={bare / piped:.3f}")
+
+
+if __name__ == "__main__":
+    main()
