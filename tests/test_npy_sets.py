@@ -276,3 +276,33 @@ def test_malformed_sets_get_one_clear_message(tmp_path):
     assert Cache(tmp_path / "c6").recorded_stages() == ["layout"]
 
     assert "not empty" in shnet("import", mixed, "-o", tmp_path / "c6", "--split", "test", ok=False).output
+
+
+def test_export_of_a_cache_made_by_extract_for_the_published_loaders(tmp_path):
+    """Real `shnet extract --stages layout` (panoptic from COCO-format annotations) on generated
+    scenes with a Karpathy split, exported in the split's order and imported again."""
+    from shnet.demo.dataset import DatasetSettings, generate_dataset
+
+    data = generate_dataset(tmp_path / "data", DatasetSettings(images=10, max_side=64, val_images=2, test_images=3))
+    coco = ["--set", "panoptic.backend=coco", "--set", f"panoptic.annotations={data.panoptic_json}"]
+    shnet("extract", data.images, "-o", tmp_path / "cache", "--stages", "layout", *coco, "--workers", 1)
+    shnet("export", tmp_path / "cache", "--captions", data.captions, "--split", "test", "-o", tmp_path / "out")
+
+    out = tmp_path / "out"
+    karpathy = [e for e in json.loads(data.captions.read_text())["images"] if e["split"] == "test"]
+    assert (out / "test_ids.txt").read_text().splitlines() == [e["filename"].removesuffix(".jpg") for e in karpathy]
+    assert (out / "test_caps.txt").read_text().splitlines() == [s["raw"].strip() for e in karpathy for s in e["sentences"][:5]]
+    assert not (out / "test_ims.npy").exists()
+    cache = Cache(tmp_path / "cache")
+    for name, array, dtype, shape in (
+        ("segmentations", "seg_feat", np.float32, (CLASSES, 7, 7)),
+        ("seg_maps", "seg_map", np.uint8, (64, 64)),
+        ("cat_onehots", "cat_onehot", np.uint8, (CLASSES,)),
+    ):
+        exported = np.load(out / f"test_{name}.npy")
+        assert exported.dtype == dtype and exported.shape == (3, *shape)
+        for i, entry in enumerate(karpathy):
+            np.testing.assert_array_equal(exported[i], cache.read("layout", array, entry["filename"].removesuffix(".jpg")))
+    shnet("import", out, "-o", tmp_path / "again")
+    shnet("export", tmp_path / "again", "--split", "test", "-o", tmp_path / "again-out")
+    assert_same_files(out, tmp_path / "again-out")
