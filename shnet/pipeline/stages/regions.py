@@ -82,11 +82,16 @@ class RegionsStage(ImageStage):
         return max(counts)
 
     def check(self, config):
-        if config["backend"] == "detectron2":
-            _import_detectron2()
         from ..models.butd.checkpoint import check_detector_weights
 
+        if config["backend"] == "detectron2":
+            _import_detectron2()
         report = check_detector_weights(config["weights"], config["depth"], config["allow_missing_keys"])
+        if config["backend"] == "detectron2" and report is not None and report.convention != "d2":
+            raise ShnetError(
+                f"regions.backend=detectron2 runs py-bottom-up-attention's network; {config['weights']} is a "
+                "bottom-up-attention.pytorch (caffe convention) checkpoint: use regions.backend=native"
+            )
         for line in report.warnings if report else ():
             warnings.warn(f"regions: {line}", stacklevel=2)
 
@@ -96,8 +101,10 @@ class RegionsStage(ImageStage):
         from ..models.butd.extract import SelectionOptions
 
         if config["backend"] == "detectron2":
-            _import_detectron2()
-        model, report = build_detector(config["weights"], config["depth"], config["allow_missing_keys"], CONVENTIONS[config["selection"]])
+            model, report = _detectron2_detector(config, device), None
+        else:
+            model, report = build_detector(config["weights"], config["depth"], config["allow_missing_keys"], CONVENTIONS[config["selection"]])
+            model = to_device(model, device)
         given = None
         if config["boxes"]:
             from ..given_boxes import read_given_boxes
@@ -107,7 +114,7 @@ class RegionsStage(ImageStage):
             config["selection"], config["min_boxes"], config["max_boxes"], config["conf_threshold"], config["nms_iou"],
             config["pre_nms_topk"], config["post_nms_topk"], config["rpn_nms_iou"],
         )
-        return RegionsModel(to_device(model, device), report, options, given)
+        return RegionsModel(model, report, options, given)
 
     def outputs(self, config, model):
         k = config["slots"]
@@ -124,9 +131,11 @@ class RegionsStage(ImageStage):
 
     def attrs(self, config, model):
         report = model.report
+        random_init = config["weights"] == "random"
         return {
-            "model": f"bottom-up-attention Faster R-CNN R-{config['depth']}"
-            + (" (random-init)" if report is None else f" ({report.convention} convention)"),
+            "model": f"bottom-up-attention Faster R-CNN R-{config['depth']} ({config['backend']}, "
+            + ("random-init)" if random_init else f"{model.detector.convention.name} convention)"),
+            "backend": config["backend"],
             "weights_sha256": config["weights_sha256"],
             "convention": model.detector.convention.name,
             "selection": config["selection"],
@@ -139,7 +148,8 @@ class RegionsStage(ImageStage):
             "missing_keys": list(report.missing) if report else [],
             "unexpected_keys": list(report.unexpected) if report else [],
             "bn_stats_defaulted": report.bn_stats_defaulted if report else 0,
-            "warnings": report.warnings if report else ["random-init weights: the features carry no meaning"],
+            "warnings": (["random-init weights: the features carry no meaning"] if random_init else [])
+            + (report.warnings if report else []),
         }
 
     def run(self, job, writer, model):
@@ -240,6 +250,16 @@ def _box_counts(config) -> tuple[int, int]:
     low, high = _positive_int(config, "min_boxes"), _positive_int(config, "max_boxes")
     _require(low <= high, f"regions.min_boxes ({low}) must not exceed regions.max_boxes ({high})")
     return low, high
+
+
+def _detectron2_detector(config, device):
+    from ..models.butd.detectron2_backend import Detectron2Detector
+
+    _import_detectron2()
+    return Detectron2Detector(
+        config["weights"], config["depth"], config["pre_nms_topk"], config["post_nms_topk"], config["rpn_nms_iou"],
+        device, config["allow_missing_keys"],
+    )
 
 
 def _import_detectron2():
