@@ -36,6 +36,7 @@ def summarise_cache(cache: Cache) -> tuple[dict, list[StageSummary]]:
         "images_pending": int((images["status"] == "pending").sum()),
         "shards": cache.num_shards,
         "shard_size": cache.shard_size,
+        "captions": cache.record.get("captions", {}).get("captions", {}),  # split -> count (an imported cache)
     }
     stages = []
     for name in cache.recorded_stages():
