@@ -181,3 +181,8 @@ from .commands.npy_sets import export_command, import_command  # noqa: E402
 
 main.add_command(import_command, "import")
 main.add_command(export_command, "export")
+
+from .retrieval.cli import encode_command, search_command  # noqa: E402
+
+main.add_command(encode_command, "encode")
+main.add_command(search_command, "search")

@@ -1,0 +1,231 @@
+"""shnet encode / search: a model trained briefly on a learnable synthetic set, its embeddings as
+Parquet shards, text-to-image and image-to-text search, resume after a kill, the FAISS index."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from shnet.cache import Cache, atomic_write_parquet
+from shnet.cli import main
+from shnet.errors import ShnetError
+from shnet.retrieval.encode import EncodeRequest, encode
+from shnet.retrieval.search import search_image
+from shnet.retrieval.store import EmbeddingStore, embedding_column
+from shnet.trainer.synthetic import write_concept_cache
+from shnet.trainer.train import TrainOptions, train
+
+TINY = dict(embed_size=32, word_dim=32, batch_size=32, lr=1e-2, workers=0, progress=False)
+VAL_IMAGES = 16
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A run trained for 3 epochs on 32 synthetic images; its cache's images get real files."""
+    root = tmp_path_factory.mktemp("retrieval")
+    captions = write_concept_cache(root / "cache", {"train": 32, "val": VAL_IMAGES}, feature_dim=16, num_boxes=6, shard_size=20)
+    captions.to_csv(root / "captions.csv", index=False)
+    _give_images_files(root / "cache", root / "images")
+    train(TrainOptions(caches=[str(root / "cache")], captions=str(root / "captions.csv"), output=str(root / "run"), epochs=3, **TINY), log=lambda m: None)
+    return root
+
+
+def _give_images_files(cache_root, folder):
+    """Write a small picture per image and record its path (what a real extract records)."""
+    cache = Cache(cache_root)
+    images = cache.images()
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    paths = []
+    for image_id in images["image_id"]:
+        path = folder / f"{image_id}.png"
+        Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    atomic_write_parquet(cache.root / "images.parquet", images.assign(path=paths))
+
+
+@pytest.fixture(scope="module")
+def store(trained):
+    result = CliRunner().invoke(
+        main,
+        ["encode", str(trained / "run"), "--cache", str(trained / "cache"), "--captions", str(trained / "captions.csv"), "-o", str(trained / "emb"), "--shard-size", "10"],
+    )
+    assert result.exit_code == 0, result.output
+    return trained / "emb"
+
+
+def test_store_layout_and_record(store, trained):
+    images = pd.read_parquet(store / "images")
+    assert len(images) == 48 and list(images.columns) == ["image_id", "path", "embedding"]
+    assert sorted(p.name for p in (store / "images").iterdir()) == [f"{s:05d}.parquet" for s in range(5)]
+    matrix = np.stack(images["embedding"])
+    assert matrix.shape == (48, 32) and matrix.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(matrix, axis=1), 1.0, atol=1e-4)
+    record = json.loads((store / "embeddings.json").read_text())
+    assert record["run"]["checkpoint"] == str((trained / "run" / "best.pth").resolve())
+    assert len(record["run"]["sha256"]) == 64 and record["run"]["epoch"] is not None
+    assert record["caches"] == [str((trained / "cache").resolve())] and record["dimension"] == 32
+    assert record["images"]["rows"] == 48 and record["captions"]["rows"] == 240
+    captions = pd.read_parquet(store / "captions")
+    assert (captions["caption_id"].to_numpy() == np.arange(240)).all() and captions["image_id"].notna().all()
+
+
+def test_text_to_image_finds_the_right_image_far_above_chance(store, trained):
+    val = pd.read_csv(trained / "captions.csv").query("split == 'val'")
+    result = CliRunner().invoke(main, ["search", str(store), *val["caption"], "-k", "5", "--json"])
+    assert result.exit_code == 0, result.output
+    answers = json.loads(result.stdout)
+    assert [a["query"] for a in answers] == list(val["caption"])
+    found = [[h["image_id"] for h in a["hits"]] for a in answers]
+    r1 = np.mean([hits[0] == i for hits, i in zip(found, val["image_id"])])
+    r5 = np.mean([i in hits for hits, i in zip(found, val["image_id"])])
+    assert r1 >= 0.15 and r5 >= 0.6, (r1, r5)  # chance over the 48 images: 0.02 and 0.10
+    # exact search is what brute force over the stored matrix gives
+    first = answers[0]["hits"]
+    assert [h["rank"] for h in first] == [1, 2, 3, 4, 5]
+    assert all(a["score"] >= b["score"] for a, b in zip(first, first[1:]))
+    assert first[0]["path"].endswith(f"{first[0]['image_id']}.png")
+
+
+def test_exact_search_equals_brute_force(store):
+    from shnet.retrieval.search import exact_top_k
+
+    import torch
+
+    store_ = EmbeddingStore(store)
+    matrix = np.concatenate([c.embeddings for c in store_.chunks("images")])
+    queries = np.random.default_rng(1).standard_normal((7, 32)).astype(np.float32)
+    scores, rows = exact_top_k(queries, store_.chunks("images", rows=3), 6, torch.device("cpu"))
+    expected = np.argsort(-(queries @ matrix.T), axis=1)[:, :6]
+    assert (rows == expected).all()
+    np.testing.assert_allclose(scores, np.take_along_axis(queries @ matrix.T, expected, 1), rtol=1e-5)
+
+
+def test_image_to_text_and_html(store, trained, tmp_path):
+    page = tmp_path / "hits.html"
+    result = CliRunner().invoke(main, ["search", str(store), "--image", "img00040", "-k", "5", "--json", "--html", str(page)])
+    assert result.exit_code == 0, result.output
+    [answer] = json.loads(result.stdout)
+    assert answer["searched"] == "captions" and len(answer["hits"]) == 5
+    assert [h["rank"] for h in answer["hits"]] == [1, 2, 3, 4, 5] and {"caption", "caption_id", "image_id"} <= set(answer["hits"][0])
+    own = [search_image(store, f"img{i:05d}", k=5, device="cpu").hits for i in range(32, 48)]  # the val images
+    r1 = np.mean([hits[0].fields["image_id"] == f"img{i:05d}" for i, hits in zip(range(32, 48), own)])
+    r5 = np.mean([any(h.fields["image_id"] == f"img{i:05d}" for h in hits) for i, hits in zip(range(32, 48), own)])
+    assert r1 >= 0.25 and r5 >= 0.6, (r1, r5)  # chance (5 of 240 captions): 0.02 and 0.10
+    html = page.read_text()
+    assert html.count("data:image/jpeg;base64,") == 1 and "img00040" in html
+    text_page = tmp_path / "text.html"
+    result = CliRunner().invoke(main, ["search", str(store), "a dog", "-k", "4", "--html", str(text_page)])
+    assert result.exit_code == 0, result.output
+    assert text_page.read_text().count("data:image/jpeg;base64,") == 4
+    assert "default-src 'none'" in text_page.read_text()
+
+
+def test_index_through_the_cli(store, trained):
+    pytest.importorskip("faiss")
+    result = CliRunner().invoke(main, ["encode", str(trained / "run"), "--cache", str(trained / "cache"), "-o", str(store), "--shard-size", "10", "--index"])
+    assert result.exit_code == 0, result.output
+    record = json.loads((store / "index" / "index.json").read_text())
+    assert record["vectors"] == 48 and record["caption_recall_at_10"] is not None and "recall@10" in result.stdout
+    exact, ann = (json.loads(CliRunner().invoke(main, ["search", str(store), "a dog and a cat", "--json", *flag]).stdout) for flag in ([], ["--ann"]))
+    assert ann[0]["method"] == "ann" and len(ann[0]["hits"]) == 10
+    if record["nprobe"] == record["nlist"]:  # every list scanned: the same hits as exact search
+        assert [h["image_id"] for h in ann[0]["hits"]] == [h["image_id"] for h in exact[0]["hits"]]
+
+
+def test_reencoding_is_a_no_op_and_other_settings_are_refused(store, trained):
+    before = {p: p.stat().st_mtime_ns for p in (store / "images").iterdir()}
+    report = encode(EncodeRequest(str(trained / "run"), [str(trained / "cache")], str(store), shard_size=10), log=lambda m: None)
+    assert report.encoded == {"images": 0} and before == {p: p.stat().st_mtime_ns for p in (store / "images").iterdir()}
+    with pytest.raises(ShnetError, match="float16"):
+        encode(EncodeRequest(str(trained / "run"), [str(trained / "cache")], str(store), shard_size=10, dtype="float16"), log=lambda m: None)
+    with pytest.raises(ShnetError, match="shard_size"):
+        encode(EncodeRequest(str(trained / "run"), [str(trained / "cache")], str(store), shard_size=7), log=lambda m: None)
+
+
+def test_encode_resumes_after_a_kill(trained, tmp_path):
+    write_concept_cache(tmp_path / "big", {"test": 400}, feature_dim=16, num_boxes=6, seed=3)
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    command = [sys.executable, "-m", "shnet", "encode", str(trained / "run"), "--cache", str(tmp_path / "big"), "-o", str(killed)]
+    options = ["--shard-size", "2", "--batch-size", "2", "--device", "cpu"]
+    process = subprocess.Popen(command + options, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (killed / "images").is_dir() or not any((killed / "images").glob("*.parquet")):
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    written = len(list((killed / "images").glob("*.parquet")))
+    assert 0 < written < 200, f"{written} shards when killed"
+
+    request = dict(run=str(trained / "run"), caches=[str(tmp_path / "big")], shard_size=2, batch_size=2, device="cpu")
+    report = encode(EncodeRequest(output=str(killed), **request), log=lambda m: None)
+    assert report.encoded["images"] == 400 - 2 * written
+    encode(EncodeRequest(output=str(whole), **request), log=lambda m: None)
+    resumed, uninterrupted = pd.read_parquet(killed / "images"), pd.read_parquet(whole / "images")
+    assert list(resumed["image_id"]) == list(uninterrupted["image_id"]) == [f"img{i:05d}" for i in range(400)]
+    np.testing.assert_allclose(np.stack(resumed["embedding"]), np.stack(uninterrupted["embedding"]), atol=1e-6)
+    assert not list(killed.rglob("*.tmp-*"))
+
+
+def _random_store(root, vectors: np.ndarray, shard_size: int) -> EmbeddingStore:
+    """A store holding ``vectors`` as image embeddings (no model needed to test the index)."""
+    import pyarrow as pa
+
+    from shnet.cache.store import image_list_digest
+
+    store = EmbeddingStore(root)
+    ids = [f"v{i}" for i in range(len(vectors))]
+    shards = (len(vectors) + shard_size - 1) // shard_size
+    store.save_record(
+        {
+            "format": "shnet-embeddings",
+            "format_version": 1,
+            "dimension": vectors.shape[1],
+            "dtype": "float16",
+            "images": {"rows": len(vectors), "shard_size": shard_size, "shards": shards, "image_list_sha256": image_list_digest(ids)},
+        }
+    )
+    for s in range(shards):
+        rows = slice(s * shard_size, (s + 1) * shard_size)
+        store.write_shard("images", s, pa.table({"image_id": ids[rows], "path": [""] * len(ids[rows]), "embedding": embedding_column(vectors[rows], "float16")}))
+    return store
+
+
+def clustered_unit_vectors(n: int, dim: int, clusters: int, rng: np.random.Generator, spread: float = 0.7) -> np.ndarray:
+    """Random vectors around random centres (as embeddings gather around concepts), unit length."""
+    centres = rng.standard_normal((clusters, dim)).astype(np.float32)
+    points = centres[rng.integers(0, clusters, n)] + spread * rng.standard_normal((n, dim)).astype(np.float32)
+    return points / np.linalg.norm(points, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("n", [pytest.param(20_000, id="20k"), pytest.param(100_000, id="100k", marks=pytest.mark.slow)])
+def test_ann_recall_at_10_vs_exact(tmp_path, n):
+    faiss = pytest.importorskip("faiss")
+    faiss.omp_set_num_threads(1)
+    import torch
+
+    from shnet.retrieval.index import ann_top_k, build_index, recall_at
+    from shnet.retrieval.search import exact_top_k
+
+    rng = np.random.default_rng(0)
+    vectors = clustered_unit_vectors(n + 500, 64, 1000, rng)
+    store = _random_store(tmp_path / "emb", vectors[:n], shard_size=8192)
+    record = build_index(store.root, target_recall=0.95, queries=500, log=lambda m: None)
+    assert record["recall_at_10"] >= 0.95 and record["nprobe"] < record["nlist"]
+    fresh = vectors[n:]  # queries the tuning never saw
+    _, exact = exact_top_k(fresh, store.chunks("images"), 10, torch.device("cpu"))
+    _, approximate = ann_top_k(store, fresh, 10)
+    assert recall_at(approximate, exact) >= 0.95
