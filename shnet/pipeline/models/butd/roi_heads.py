@@ -53,5 +53,6 @@ class Res5ROIHeads(nn.Module):
         rois = torch.cat(
             [torch.cat([torch.full((len(b), 1), i, dtype=b.dtype, device=b.device), b], dim=1) for i, b in enumerate(boxes)]
         )
-        pooled = torchvision.ops.roi_pool(features, rois.to(features.dtype), POOLER_RESOLUTION, self.spatial_scale)
+        # pooled in fp32: fp16 box coordinates would move RoIPool's rounded bins on large images
+        pooled = torchvision.ops.roi_pool(features.float(), rois.float(), POOLER_RESOLUTION, self.spatial_scale)
         return self.res5(pooled).mean(dim=(2, 3))
