@@ -70,8 +70,8 @@ def export_command(cache, out, splits, captions, captions_per_image) -> None:
     {split}_segmentations.npy, {split}_seg_maps.npy, {split}_cat_onehots.npy (stage layout),
     {split}_ids.txt and {split}_caps.txt, in the caption file's image order."""
     opened = Cache(cache)
-    for split in splits:
-        request = captions_split(opened, captions, split, captions_per_image) if captions else imported_split(opened, split)
+    requests = [captions_split(opened, captions, split, captions_per_image) if captions else imported_split(opened, split) for split in splits]
+    for split, request in zip(splits, requests):
         written = export_split(opened, request, out, log=_log)
         click.echo(f"split '{split}': {len(request.image_ids)} images -> {', '.join(str(p) for p in written)}")
 
