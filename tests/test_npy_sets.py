@@ -70,6 +70,7 @@ def test_import_then_export_is_bit_exact(tmp_path):
     caps = (source / "dev_caps.txt").read_text().splitlines()
     (source / "dev_caps.txt").write_bytes(("\r\n".join(caps) + "\r\n").encode())
     (source / "test_caps.txt").write_text("\n".join((source / "test_caps.txt").read_text().splitlines()))
+    (source / "train_ids.txt").write_text((source / "train_ids.txt").read_text().replace("\n", " \n", 1))  # an id with a trailing space
 
     shnet("import", source, "-o", tmp_path / "cache", "--shard-size", 5)
     exported = tmp_path / "out"

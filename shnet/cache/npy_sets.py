@@ -39,7 +39,7 @@ from .store import Cache, atomic_write_parquet, create_cache
 from .streaming import write_stage_chunks
 
 CHUNK_BYTES = 64 * 2**20  # the most array bytes read and written at once
-SPLITS_TABLE = "splits.parquet"  # an imported cache: split, position, image_id (each split's image order)
+SPLITS_TABLE = "splits.parquet"  # an imported cache: split, position, image_id, id_line (each split's image order)
 IMPORT_RECORD = "npy_import"  # cache.json key: source folder, per split its files' headers and text styles
 DEFAULT_CAPTIONS_PER_IMAGE = 5
 _EXAMPLES = 5
@@ -325,6 +325,7 @@ def import_sets(
                 "split": [s.split for s in opened for _ in s.image_ids],
                 "position": np.concatenate([np.arange(s.num_images, dtype=np.int64) for s in opened]),
                 "image_id": [i for s in opened for i in s.image_ids],
+                "id_line": [line for s in opened for line in (s.ids_text.lines if s.ids_text else s.image_ids)],
             }
         )
         atomic_write_parquet(cache.root / SPLITS_TABLE, order)
@@ -452,6 +453,7 @@ class ExportRequest:
     captions_per_image: int = DEFAULT_CAPTIONS_PER_IMAGE
     write_ids: bool = True
     verbatim: bool = False  # captions are lines read from a caps file: written back unchanged
+    id_lines: list[str] | None = None  # the ids file's lines as imported (an id's surrounding spaces kept)
 
 
 def imported_split(cache: Cache, split: str) -> ExportRequest:
@@ -472,7 +474,13 @@ def imported_split(cache: Cache, split: str) -> ExportRequest:
         if rows["image_id"].astype(str).tolist() != list(np.repeat(image_ids, record["captions_per_image"])):
             raise ShnetError(f"{cache.root}/captions.parquet no longer matches split '{split}' of the import; re-import the set")
     return ExportRequest(
-        split, image_ids, captions, record["captions_per_image"], write_ids=record["splits"][split]["ids"] is not None, verbatim=True
+        split,
+        image_ids,
+        captions,
+        record["captions_per_image"],
+        write_ids=record["splits"][split]["ids"] is not None,
+        verbatim=True,
+        id_lines=order["id_line"].astype(str).tolist(),
     )
 
 
@@ -518,7 +526,7 @@ def export_split(cache: Cache, request: ExportRequest, out_dir: str | Path, log:
             _write_array(files, sources[kind.stage], kind, header, array_file(out, request.split, kind.name))
     styles = recorded if recorded else {"ids": {}, "caps": {}}
     if request.write_ids:
-        write_atomically(text_file(out, request.split, "ids"), TextLines(list(request.image_ids), **(styles.get("ids") or {})).to_bytes())
+        write_atomically(text_file(out, request.split, "ids"), TextLines(list(request.id_lines or request.image_ids), **(styles.get("ids") or {})).to_bytes())
     if request.captions is not None:
         lines = request.captions if request.verbatim else [" ".join(c.splitlines()) for c in request.captions]
         write_atomically(text_file(out, request.split, "caps"), TextLines(lines, **(styles.get("caps") or {})).to_bytes())
