@@ -1,10 +1,10 @@
 """Backend ``hf`` of stage ``panoptic``: a transformers universal-segmentation model (Mask2Former,
 MaskFormer, OneFormer) from a local folder, with its own image processor and panoptic post-processing.
 
-Images are preprocessed one by one (the processor's resize/normalise, in the decode thread), padded
-into a batch with a pixel mask, and run together. Each image's query masks are cropped back to its
-valid area before the library's ``post_process_panoptic_segmentation`` (stuff classes fused) scales
-them to full resolution, so padding never shifts a segment. The per-class probability volume is the
+Images are preprocessed one by one (the processor's resize/normalise, in the decode thread) and run
+in batches of equal preprocessed size, never padded, so a result does not depend on its batch-mates
+and the library's ``post_process_panoptic_segmentation`` (stuff classes fused) scales each image's
+masks to its full resolution without any padding to shift them. The per-class probability volume is the
 library's semantic combination (softmax class scores of the queries, no-object dropped, times
 sigmoid masks) averaged per 7x7 cell of the valid area: since that combination is linear in the
 masks, the masks are average-pooled first, which is exact and cheap.
@@ -41,6 +41,7 @@ class HFPanoptic:
     kind: str
     fuse: set
     name: str
+    task_inputs: Any = None  # OneFormer's tokenised "the task is panoptic"
 
 
 def read_model_config(folder: str | None) -> dict:
@@ -123,40 +124,40 @@ def load_hf_panoptic(folder: str, label_map_path: str | None, device: str) -> HF
     model.eval()
     if device.startswith("cuda"):
         model.to(device)
-    return HFPanoptic(model=model, processor=processor, lut=lut, kind=kind, fuse=fuse, name=Path(path).name)
+    task_inputs = None
+    if kind == "oneformer":
+        task_inputs = processor(images=[np.zeros((32, 32, 3), np.uint8)], task_inputs=["panoptic"], return_tensors="pt")["task_inputs"]
+    return HFPanoptic(model=model, processor=processor, lut=lut, kind=kind, fuse=fuse, name=Path(path).name, task_inputs=task_inputs)
 
 
 def preprocess(rgb: np.ndarray, bundle: HFPanoptic) -> tuple[torch.Tensor, tuple[int, int]]:
     """The processor's pixel values [3,h,w] of one image, and its full-resolution (height, width)."""
-    kwargs = {"task_inputs": ["panoptic"]} if bundle.kind == "oneformer" else {}
-    encoded = bundle.processor(images=[np.array(rgb)], return_tensors="pt", **kwargs)
+    processor = bundle.processor.image_processor if bundle.kind == "oneformer" else bundle.processor
+    encoded = processor(images=[np.array(rgb)], return_tensors="pt")
     return encoded["pixel_values"][0], rgb.shape[:2]
 
 
 def infer(bundle: HFPanoptic, prepared: list, options: dict, device: str) -> list[PanopticResult]:
-    """Run one batch; ``options`` holds threshold, mask_threshold and overlap_threshold."""
-    pixels = [p[0] for p in prepared]
-    height = max(p.shape[1] for p in pixels)
-    width = max(p.shape[2] for p in pixels)
-    batch = torch.zeros((len(pixels), 3, height, width), dtype=pixels[0].dtype)
-    mask = torch.zeros((len(pixels), height, width), dtype=torch.long)
-    for i, p in enumerate(pixels):
-        batch[i, :, : p.shape[1], : p.shape[2]] = p
-        mask[i, : p.shape[1], : p.shape[2]] = 1
-    inputs = {"pixel_values": batch.to(device), "pixel_mask": mask.to(device)}
-    if bundle.kind == "oneformer":
-        task = bundle.processor(images=[np.zeros((32, 32, 3), np.uint8)], task_inputs=["panoptic"], return_tensors="pt")["task_inputs"]
-        inputs["task_inputs"] = task.expand(len(pixels), -1).to(device)
-    with torch.inference_mode():
-        out = bundle.model(**inputs)
-    class_logits = out.class_queries_logits.float().cpu()
-    mask_logits = out.masks_queries_logits.float().cpu()
-    results = []
-    for i, (p, full_hw) in enumerate(prepared):
-        rows = round(p.shape[1] * mask_logits.shape[-2] / height)
-        cols = round(p.shape[2] * mask_logits.shape[-1] / width)
-        masks = mask_logits[i : i + 1, :, :rows, :cols]
-        results.append(_one_image(bundle, class_logits[i : i + 1], masks, full_hw, options))
+    """Run one batch; ``options`` holds threshold, mask_threshold and overlap_threshold.
+
+    Images go through the model together with those of the same preprocessed size only: padding
+    would change the attention context of the smaller images, and a result must not depend on
+    which images happen to share its batch."""
+    results: list[PanopticResult | None] = [None] * len(prepared)
+    groups: dict[tuple, list[int]] = {}
+    for i, (pixels, _) in enumerate(prepared):
+        groups.setdefault(tuple(pixels.shape), []).append(i)
+    for members in groups.values():
+        batch = torch.stack([prepared[i][0] for i in members]).to(device)
+        inputs = {"pixel_values": batch}
+        if bundle.kind == "oneformer":
+            inputs["task_inputs"] = bundle.task_inputs.expand(len(members), -1).to(device)
+        with torch.inference_mode():
+            out = bundle.model(**inputs)
+        class_logits = out.class_queries_logits.float().cpu()
+        mask_logits = out.masks_queries_logits.float().cpu()
+        for j, i in enumerate(members):
+            results[i] = _one_image(bundle, class_logits[j : j + 1], mask_logits[j : j + 1], prepared[i][1], options)
     return results
 
 

@@ -24,7 +24,7 @@ _SUFFIXES = ("-merged", "-other", "-stuff")
 
 
 def normalise_label(name: str) -> str:
-    text = str(name).strip().lower()
+    text = re.sub(r"[\s_\-]+", "-", str(name).strip().lower())
     changed = True
     while changed:
         changed = False

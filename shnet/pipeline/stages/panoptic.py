@@ -15,6 +15,7 @@ Backends: ``hf`` (a local transformers Mask2Former / MaskFormer / OneFormer fold
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -84,9 +85,8 @@ class PanopticStage(ImageStage):
                 if backend == "hf":
                     read_model_config(None)
                 raise ShnetError("panoptic.backend=detectron2 needs a folder with config.yaml and the weights: --set panoptic.model=/path/to/panoptic_fpn")
-        config["model_sha256"] = weights_identity(config["model"])
-        config["label_map_sha256"] = weights_identity(config["label_map"])
-        config["annotations_sha256"] = weights_identity(config["annotations"])
+        for key in ("model", "label_map", "annotations"):
+            config[f"{key}_sha256"] = _content_identity(config, key)
         return config
 
     def check(self, config):
@@ -190,6 +190,14 @@ class PanopticStage(ImageStage):
             writer.write(name, row, values[0])
         scalars = {name: values[0] for name, values in out.scalars.items()}
         return {"status": "ok", "error": "", "seconds": time.perf_counter() - start, **scalars}
+
+
+def _content_identity(config: dict, key: str) -> str:
+    """sha256 of the file (or model folder) an option names: its content, not its path, is the identity."""
+    value = config[key]
+    if value is not None and not Path(str(value)).expanduser().exists():
+        raise ShnetError(f"panoptic.{key}: no file or folder {value} (everything is read from local files; nothing is downloaded)")
+    return weights_identity(value)
 
 
 def stage_output(results: list[PanopticResult], resolution: int) -> StageOutput:
