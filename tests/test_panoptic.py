@@ -49,7 +49,7 @@ def stage_options(model_dir):
 @pytest.fixture(scope="module")
 def hf_cache(model_dir, mixed_dir, tmp_path_factory):
     cache = tmp_path_factory.mktemp("hf") / "cache"
-    extract(mixed_dir, "-o", cache, "--stages", "panoptic", "--set", f"panoptic.model={model_dir}", *OVERLAP0, "--set", "panoptic.resolution=96",
+    extract(mixed_dir, "-o", cache, "--profile", "panoptic-coco", "--stages", "panoptic", "--set", f"panoptic.model={model_dir}", *OVERLAP0, "--set", "panoptic.resolution=96",
             "--workers", 1, "--batch-size", 3)
     return cache
 
