@@ -186,3 +186,7 @@ from .retrieval.cli import encode_command, search_command  # noqa: E402
 
 main.add_command(encode_command, "encode")
 main.add_command(search_command, "search")
+
+from .show.cli import show_command  # noqa: E402
+
+main.add_command(show_command, "show")
