@@ -133,6 +133,8 @@ def inspect(cache, image_id, errors, as_json):
         f"({overview['images_ok']} ok, {overview['images_error']} errors, {overview['images_pending']} not probed)  "
         f"{overview['shards']} shards of {overview['shard_size']}"
     )
+    if overview["captions"]:
+        console.print("captions: " + ", ".join(f"{split} {count}" for split, count in overview["captions"].items()))
     table = Table(show_lines=True)
     for column in ("stage", "shards", "ok", "errors", "arrays (per image)", "size", "config"):
         table.add_column(column)

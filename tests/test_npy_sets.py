@@ -82,6 +82,7 @@ def test_import_then_export_is_bit_exact(tmp_path):
     assert verify_cache(cache).problems == []
     overview = json.loads(shnet("inspect", tmp_path / "cache", "--json").stdout)["cache"]
     assert overview["captions"] == {"dev": 15, "test": 20, "train": 30}
+    assert "captions: dev 15, test 20, train 30" in shnet("inspect", tmp_path / "cache").stdout
     images = cache.images()
     assert len(images) == 13 and images["image_id"].iloc[0] == "100003"  # dev first (splits by name), ids from dev_ids.txt
     table = cache.stage_table("regions")
