@@ -211,8 +211,8 @@ def clustered_unit_vectors(n: int, dim: int, clusters: int, rng: np.random.Gener
     return points / np.linalg.norm(points, axis=1, keepdims=True)
 
 
-@pytest.mark.parametrize("n", [pytest.param(20_000, id="20k"), pytest.param(100_000, id="100k", marks=pytest.mark.slow)])
-def test_ann_recall_at_10_vs_exact(tmp_path, n):
+def test_ann_recall_at_10_vs_exact_on_100k_vectors(tmp_path):
+    n = 100_000
     faiss = pytest.importorskip("faiss")
     faiss.omp_set_num_threads(1)
     import torch

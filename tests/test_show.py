@@ -207,3 +207,39 @@ def test_contact_sheet_renders_in_headless_chromium(cache, tmp_path):
     cards = pixels[120:500, :600]
     assert cards.std() > 20  # the thumbnails are drawn, not an empty page
     assert (np.abs(cards - category_palette()[PERSON] * 0.45 - GREY * 0.55).sum(axis=-1) < 30).any()  # the panoptic tint of the flat image
+
+
+@pytest.mark.slow
+def test_show_on_a_really_extracted_cache(tmp_path):
+    """Every stage extracted by `shnet extract` (profile demo: random-init detector and grid,
+    ground-truth panoptic) from generated scenes, then drawn: boxes where the regions stage put them."""
+    from shnet.demo.dataset import DatasetSettings, generate_dataset
+    from shnet.pipeline.runner import ExtractRequest, run_extract
+
+    files = generate_dataset(tmp_path / "data", DatasetSettings(images=4, seed=1))
+    request = ExtractRequest(
+        image_dirs=[str(files.images)], cache=str(tmp_path / "cache"), profile="demo",
+        overrides=[f"panoptic.annotations={files.panoptic_json}"], workers=1, shard_size=4,
+    )
+    assert run_extract(request).failed_images == 0
+    cache = Cache(tmp_path / "cache")
+    image_id = cache.images()["image_id"].iloc[0]
+    out = tmp_path / "panels.png"
+    result = CliRunner().invoke(main, ["show", str(cache.root), image_id, "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    view = read_view(cache, image_id)
+    assert view.stages == ["grid", "panoptic", "regions", "saliency"] and not view.image_note
+    assert len(view.regions.boxes) == int(cache.read("regions", "num_boxes", image_id)) > 0
+    panels = all_panels(view)
+    written = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    assert (written == np.asarray(compose(panels)[0])).all()
+    (ox, oy), (sx, sy) = compose(panels)[1][1], panels[1].scale
+    x1, y1, x2, y2 = view.regions.boxes[-1]  # drawn last: nothing covers its outline
+    colour = _hex(BOX_COLOURS[(len(view.regions.boxes) - 1) % len(BOX_COLOURS)])
+    middle_y = oy + round((y1 + y2) / 2 * sy)
+    edge = written[middle_y, ox + round(x2 * sx) - 1 : ox + round(x2 * sx) + 2]
+    assert np.abs(edge - colour).sum(axis=1).min() < 60
+    assert set(view.panoptic.segments["category"]) <= set(np.unique(view.panoptic.class_map)) and len(view.panoptic.segments) >= 2
+    sheet = tmp_path / "sheet.html"
+    assert CliRunner().invoke(main, ["show", str(cache.root), "--sample", "3", "-o", str(sheet)]).exit_code == 0
+    assert sheet.read_text().count("data:image/jpeg;base64,") == 3
