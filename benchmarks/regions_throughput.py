@@ -65,6 +65,13 @@ def pipeline_seconds_per_image(folder: Path, cache: Path, args, count: int) -> f
     return (time.perf_counter() - start) / count
 
 
+def stage_seconds_per_image(cache: Path) -> float:
+    """What the stage itself spent per image inside the worker (decode + forward + selection)."""
+    import pandas as pd
+
+    return float(pd.read_parquet(cache / "regions" / "table")["seconds"].mean())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=8)
@@ -105,7 +112,10 @@ def main() -> None:
             print(f"autocast: same boxes in {sum(same)}/{len(same)} images, max |feature fp32 - fp16| = {deviation:.4f}")
         del model
         piped = pipeline_seconds_per_image(folder, Path(tmp) / "cache", args, len(prepared))
+        in_stage = stage_seconds_per_image(Path(tmp) / "cache")
     print(f"pipeline_s_per_img={piped:.3f}  (whole `shnet extract --stages regions` wall time, 1 worker x {cores} threads)")
+    print(f"stage_s_per_img={in_stage:.3f}  (inside the worker: decode, forward, selection; the rest is start-up)")
+    print(f"load_average={os.getloadavg()[0]:.1f}  (the figures are only comparable on an otherwise idle machine)")
     print(f"pipeline_efficiency={bare / piped:.3f}")
 
 
