@@ -72,13 +72,14 @@ def atomic_write_json(path: Path, obj) -> None:
     _atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
-def atomic_write_parquet(path: Path, frame: pd.DataFrame | pa.Table) -> None:
-    """A pandas frame, or an Arrow table (for types pandas cannot express, e.g. fixed-size lists)."""
+def atomic_write_parquet(path: Path, frame: pd.DataFrame | pa.Table, **options) -> None:
+    """A pandas frame, or an Arrow table (for types pandas cannot express, e.g. fixed-size lists);
+    ``options`` go to the Parquet writer (compression, use_dictionary, ...)."""
     tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     if isinstance(frame, pa.Table):
-        pq.write_table(frame, tmp)
+        pq.write_table(frame, tmp, **options)
     else:
-        frame.to_parquet(tmp, index=False)
+        frame.to_parquet(tmp, index=False, **options)
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
