@@ -99,3 +99,43 @@ def blocky_annotations(root: Path, stems_and_sizes: dict[str, tuple[int, int]], 
             segments.append((number * 70001, categories[int(rng.integers(0, len(categories)))].id))
         made[stem] = (ids, [s for s in segments if (ids == s[0]).any()])
     return write_annotations(root, made), made
+
+
+def tiny_oneformer(folder: Path) -> Path:
+    """A tiny random-initialised OneFormer saved with its processor, including a small CLIP BPE
+    tokenizer written here (OneFormer's text branch tokenises the task, "the task is panoptic")."""
+    import torch
+    from transformers import CLIPTokenizer, OneFormerConfig, OneFormerForUniversalSegmentation, OneFormerImageProcessor, OneFormerProcessor, SwinConfig
+
+    import shnet.pipeline.models  # noqa: F401 - torchvision CPU fallbacks before transformers imports it
+
+    folder.mkdir(parents=True, exist_ok=True)
+    words = ["the", "task", "is", "panoptic", "semantic", "instance", "a", "photo", "with", "an"]
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for char in sorted(set("".join(words))):
+        vocab.setdefault(char, len(vocab))
+        vocab.setdefault(char + "</w>", len(vocab))
+    merges = []
+    for word in words:
+        tokens = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(tokens) > 1:
+            merges.append(f"{tokens[0]} {tokens[1]}")
+            vocab.setdefault(tokens[0] + tokens[1], len(vocab))
+            tokens = [tokens[0] + tokens[1]] + tokens[2:]
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    id2label = {c.index: c.name for c in coco_panoptic_categories()}
+    backbone = SwinConfig(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], window_size=7, out_features=["stage1", "stage2", "stage3", "stage4"])
+    config = OneFormerConfig(
+        backbone_config=backbone, use_pretrained_backbone=False, num_queries=20, hidden_dim=32, mask_dim=32, conv_dim=32,
+        encoder_feedforward_dim=64, dim_feedforward=64, encoder_layers=1, decoder_layers=2, num_attention_heads=2,
+        text_encoder_width=32, text_encoder_context_length=16, text_encoder_num_layers=1, text_encoder_vocab_size=len(vocab),
+        text_encoder_proj_layers=1, text_encoder_n_ctx=4, task_seq_len=16, max_seq_len=16,
+        id2label=id2label, label2id={v: k for k, v in id2label.items()},
+    )
+    torch.manual_seed(0)
+    OneFormerForUniversalSegmentation(config).save_pretrained(folder)
+    image_processor = OneFormerImageProcessor(size={"shortest_edge": 128, "longest_edge": 192}, num_text=config.num_queries - config.text_encoder_n_ctx)
+    OneFormerProcessor(image_processor=image_processor, tokenizer=tokenizer, max_seq_length=16, task_seq_length=16).save_pretrained(folder)
+    return folder

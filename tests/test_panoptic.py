@@ -21,7 +21,7 @@ from shnet.pipeline.models.panoptic_labels import match_labels, normalise_label
 from shnet.pipeline.segmaps import VOID
 from shnet.pipeline.stages.panoptic import SEGMENT_COLUMNS, PanopticStage
 
-from panoptic_helpers import blocky_annotations, tiny_mask2former, write_annotations
+from panoptic_helpers import blocky_annotations, tiny_mask2former, tiny_oneformer, write_annotations
 
 CATEGORIES = coco_panoptic_categories()
 OVERLAP0 = ["--set", "panoptic.overlap_threshold=0"]  # the random queries then make several segments per image
@@ -126,6 +126,20 @@ def test_an_image_where_nothing_is_found_gets_an_all_void_map(model_dir, photo_d
     assert out.arrays["probs"].max() > 0  # the probability volume does not depend on the threshold
 
 
+def test_oneformer_folder_runs_offline_with_its_tokenizer_and_is_refused_without(photo_dir, tmp_path):
+    folder = tiny_oneformer(tmp_path / "tiny-oneformer")
+    cache = tmp_path / "cache"
+    extract(photo_dir, "-o", cache, "--stages", "panoptic", "--set", f"panoptic.model={folder}", "--set", "panoptic.resolution=64", "--workers", 1)
+    table = Cache(cache).stage_table("panoptic")
+    assert (table["status"] == "ok").all()
+    with h5py.File(cache / "panoptic" / "00000.h5") as h5:
+        assert h5.attrs["model"] == "tiny-oneformer" and h5["probs"][:].max() > 0
+    for name in ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json"):
+        (folder / name).unlink(missing_ok=True)
+    with pytest.raises(ShnetError, match="OneFormer folder needs its text tokenizer"):
+        PanopticStage().check(PanopticStage().resolve_config({"model": str(folder)}))
+
+
 def test_label_names_match_after_normalisation():
     assert len({normalise_label(c.name) for c in CATEGORIES}) == len(CATEGORIES)
     lut = match_labels({0: "Person", 1: "wall", 2: "sky_other", 3: "door stuff", 4: "playingfield"}, {}, "model", None)
@@ -168,7 +182,7 @@ def test_broken_model_folders_are_refused_in_the_client(model_dir, tmp_path):
     with pytest.raises(ShnetError, match="do not match the model's config.*class_predictor.weight"):
         stage.check(stage.resolve_config({"model": str(broken)}))
     (broken / "preprocessor_config.json").unlink()
-    with pytest.raises(ShnetError, match="no preprocessor_config.json"):
+    with pytest.raises(ShnetError, match="no preprocessor_config.json or processor_config.json"):
         stage.check(stage.resolve_config({"model": str(broken)}))
     with pytest.raises(ShnetError, match="not a Hugging Face model folder"):
         stage.check(stage.resolve_config({"model": str(tmp_path)}))

@@ -28,6 +28,7 @@ from ..segmaps import CELLS, NUM_CLASSES, VOID, PanopticResult, segments_from_id
 from .panoptic_labels import match_labels, read_label_map
 
 SUPPORTED = ("mask2former", "maskformer", "oneformer")
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
@@ -64,10 +65,17 @@ def read_model_config(folder: str | None) -> dict:
     kind = config.get("model_type")
     if kind not in SUPPORTED:
         raise ShnetError(f"panoptic.model {path} holds a '{kind}' model; the hf backend runs {', '.join(SUPPORTED)} universal-segmentation models")
-    if not (path / "preprocessor_config.json").is_file():
-        raise ShnetError(f"panoptic.model {path} has no preprocessor_config.json: save the model's image processor there too (processor.save_pretrained(PATH))")
+    if not any((path / name).is_file() for name in PROCESSOR_FILES):
+        raise ShnetError(
+            f"panoptic.model {path} has no {' or '.join(PROCESSOR_FILES)}: save the model's image processor there too (processor.save_pretrained(PATH))"
+        )
     if not any((path / name).is_file() for name in WEIGHT_FILES):
         raise ShnetError(f"panoptic.model {path} has no weights ({' or '.join(WEIGHT_FILES[::2])})")
+    if kind == "oneformer" and not ((path / "tokenizer.json").is_file() or (path / "vocab.json").is_file()):
+        raise ShnetError(
+            f"panoptic.model {path}: a OneFormer folder needs its text tokenizer saved beside the model "
+            "(AutoProcessor.from_pretrained(NAME).save_pretrained(PATH) writes tokenizer.json / vocab.json)"
+        )
     if not config.get("id2label"):
         raise ShnetError(f"{config_file} has no id2label: the model's label set is needed to match it to the COCO panoptic classes")
     return config
