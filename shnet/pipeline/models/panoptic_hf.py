@@ -45,15 +45,8 @@ class HFPanoptic:
     task_inputs: Any = None  # OneFormer's tokenised "the task is panoptic"
 
 
-def read_model_config(folder: str | None) -> dict:
+def read_model_config(folder: str) -> dict:
     """The folder's config.json, after checking the folder is a supported model saved offline."""
-    if folder is None:
-        raise ShnetError(
-            "stage 'panoptic' (backend hf) needs a local Hugging Face model folder: "
-            "--set panoptic.model=/path/to/mask2former-swin-large-coco-panoptic "
-            "(a folder saved with save_pretrained; see README 'Panoptic segmentation'), "
-            "or use COCO-format annotations instead: --set panoptic.backend=coco --set panoptic.annotations=/path/panoptic.json"
-        )
     path = Path(folder).expanduser()
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -87,7 +80,7 @@ def label_lookup(folder: str, label_map_path: str | None) -> np.ndarray:
     return match_labels(id2label, read_label_map(label_map_path), f"panoptic.model {folder}", label_map_path)
 
 
-def check_hf_model(folder: str | None, label_map_path: str | None) -> None:
+def check_hf_model(folder: str, label_map_path: str | None) -> None:
     """Config, label set and weights checked once in the client: the weights must load with no
     missing or unexpected parameter."""
     label_lookup(folder, label_map_path)

@@ -38,6 +38,15 @@ from .base import ArraySpec, ImageStage, ShardJob, StageOutput
 
 BACKENDS = ("hf", "coco", "detectron2")
 SEGMENT_COLUMNS = ["image_id", "segment", "category", "category_name", "is_thing", "area", "bbox_x", "bbox_y", "bbox_w", "bbox_h", "score"]
+MISSING_MODEL = {
+    "hf": (
+        "stage 'panoptic' (backend hf) needs a local Hugging Face model folder: "
+        "--set panoptic.model=/path/to/mask2former-swin-large-coco-panoptic (saved with save_pretrained; see the README, "
+        "'Panoptic segmentation'), or reads COCO-format annotations instead: "
+        "--set panoptic.backend=coco --set panoptic.annotations=/path/panoptic_val2017.json"
+    ),
+    "detectron2": "panoptic.backend=detectron2 needs a folder with config.yaml and the weights: --set panoptic.model=/path/to/panoptic_fpn",
+}
 _SEGMENTS = "_segments"  # per-image segment lists carried through ImageStage.run, then made a table
 
 
@@ -80,11 +89,7 @@ class PanopticStage(ImageStage):
                 if config[key] is not None:
                     raise ShnetError(f"panoptic.{key} is only used by panoptic.backend=coco")
             if config["model"] is None:
-                from ..models.panoptic_hf import read_model_config
-
-                if backend == "hf":
-                    read_model_config(None)
-                raise ShnetError("panoptic.backend=detectron2 needs a folder with config.yaml and the weights: --set panoptic.model=/path/to/panoptic_fpn")
+                raise ShnetError(MISSING_MODEL[backend])
         for key in ("model", "label_map", "annotations"):
             config[f"{key}_sha256"] = _content_identity(config, key)
         return config
