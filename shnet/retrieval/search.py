@@ -19,7 +19,7 @@ from ..trainer.device import resolve_device
 from .encode import encode_texts, verified_run
 from .store import Chunk, EmbeddingStore
 
-CHUNK_ROWS = 65536
+CHUNK_ROWS = 32768
 
 
 def exact_top_k(
