@@ -152,6 +152,19 @@ def test_region_labels_from_names_or_numbers(cache):
     assert regions.label(0) == "attr 1 class 3 0.90"
 
 
+def test_failed_stages_and_images_are_said_not_drawn(cache, tmp_path):
+    copy = Cache(shutil.copytree(cache.root, tmp_path / "cache"))
+    table = pd.read_parquet(copy.table_path("regions", 0))
+    atomic_write_parquet(copy.table_path("regions", 0), table.assign(status=["error", "ok"], error=["detector ran out of memory", ""]))
+    view = read_view(copy, "flat")
+    assert view.regions is None and view.failed == {"regions": "detector ran out of memory"}
+    assert "regions failed: detector ran out of memory" in all_panels(view)[0].title
+    images = copy.images()
+    atomic_write_parquet(copy.root / "images.parquet", images.assign(status=["ok", "error"], error=["", "truncated file"]))
+    result = CliRunner().invoke(main, ["show", str(copy.root), "photos/cat", "-o", str(tmp_path / "x.png")])
+    assert result.exit_code == 1 and "truncated file" in result.output and not (tmp_path / "x.png").exists()
+
+
 def test_token_shares_follow_the_ranks():
     from shnet.trainer.gpo import GPO
 

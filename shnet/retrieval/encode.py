@@ -31,6 +31,7 @@ from ..trainer.evaluate import resolve_checkpoint
 from .store import DTYPES, FORMAT, FORMAT_VERSION, EmbeddingStore, embedding_column
 
 _EXAMPLES = 5
+_REPORT_SECONDS = 10.0  # at most one progress line per this many seconds
 
 
 @dataclass
@@ -261,10 +262,15 @@ def _encode_part(store: EmbeddingStore, part: str, entry: dict, log, make_shard:
         log(f"{part}: all {entry['shards']} shard(s) already encoded")
         return 0
     log(f"{part}: encoding {len(todo)} of {entry['shards']} shard(s) ({entry['rows']} rows in all)")
-    for shard in todo:
+    started = last_report = time.perf_counter()
+    for done_count, shard in enumerate(todo, 1):
         rows = range(shard * size, min((shard + 1) * size, entry["rows"]))
         store.write_shard(part, shard, make_shard(rows))
         encoded += len(rows)
+        now = time.perf_counter()
+        if now - last_report >= _REPORT_SECONDS or done_count == len(todo):
+            log(f"{part}: {done_count}/{len(todo)} shard(s), {encoded} rows, {encoded / max(now - started, 1e-9):.0f} rows/s")
+            last_report = now
     return encoded
 
 

@@ -103,7 +103,9 @@ def _draw_boxes(canvas: _Canvas, boxes: np.ndarray, labels: list[str] | None, co
 
 def picture_panel(view: ImageView, side: int = SIDE) -> Panel:
     canvas = _Canvas(view, side)
-    return canvas.render(f"{view.image_id} ({view.size[0]}x{view.size[1]})" + (f" - {view.image_note}" if view.image_note else ""))
+    notes = [view.image_note] if view.image_note else []
+    notes += [f"{stage} failed: {error}" for stage, error in view.failed.items()]
+    return canvas.render(f"{view.image_id} ({view.size[0]}x{view.size[1]})" + (" - " + "; ".join(notes) if notes else ""))
 
 
 def regions_panel(view: ImageView, side: int = SIDE, labels: bool = True) -> Panel:

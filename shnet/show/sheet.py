@@ -68,6 +68,7 @@ def contact_sheet(cache_root: str | Path, output: str | Path, sample: int, seed:
             f"<p><b>{escape(image_id)}</b></p><p class=\"meta\">{escape(details)}"
             + (f"; {view.regions.boxes.shape[0]} boxes" if view.regions is not None else "")
             + (f"; {len(view.panoptic.segments)} segments" if view.panoptic is not None else "")
+            + (f"; failed: {escape(', '.join(view.failed))}" if view.failed else "")
             + f"</p><p class=\"meta\">{escape(view.path or view.image_note)}</p></div>"
         )
         log(f"{n + 1}/{len(chosen)} {image_id}")

@@ -77,6 +77,7 @@ class ImageView:
     saliency: np.ndarray | None = None  # [r, r] in [0, 1], stretched over the whole image
     grid: GridNorm | None = None
     stages: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # stage -> its error for this image
 
     @property
     def size(self) -> tuple[int, int]:
@@ -98,15 +99,22 @@ def read_view(cache: Cache, image_id: str, images: pd.DataFrame | None = None) -
     if image_id not in images.index:
         raise ShnetError(f"no image '{image_id}' in {cache.root}; list them with pd.read_parquet('{cache.root}/images.parquet')")
     info = images.loc[image_id]
+    if info["status"] == "error":
+        raise ShnetError(f"{image_id} could not be decoded when it was extracted: {info['error']} ({info['path']})")
     shard, row = int(info["shard"]), int(info["row"])
     arrays: dict[str, dict] = {}
+    failed: dict[str, str] = {}
     for stage in ("regions", "panoptic", "saliency", "grid"):
         if cache.is_done(stage, shard):
+            status = pd.read_parquet(cache.table_path(stage, shard), columns=["row", "status", "error"]).set_index("row").loc[row]
+            if status["status"] != "ok":
+                failed[stage] = str(status["error"]) or str(status["status"])
+                continue
             with cache.open_arrays(stage, shard) as h5:
                 arrays[stage] = {name: h5[name][row] for name in h5}
                 arrays[stage]["_attrs"] = dict(h5.attrs)
     rgb, note = _picture(str(info["path"]), info, arrays)
-    view = ImageView(image_id, str(info["path"]), rgb, note, stages=sorted(arrays))
+    view = ImageView(image_id, str(info["path"]), rgb, note, stages=sorted(arrays), failed=failed)
     if "regions" in arrays:
         view.regions = _regions(arrays["regions"])
     if "panoptic" in arrays:
