@@ -114,6 +114,7 @@ def test_option_errors_name_the_option(photo_dir, tmp_path):
         "regions.selection=best": "regions.selection must be one of caffe, d2",
         "regions.min_boxes=10": "either num_boxes",
         "regions.depth=34": "regions.depth must be 101",
+        "regions.conf_threshold=high": "regions.conf_threshold must be a number",
     }
     for assignment, message in cases.items():
         result = extract(photo_dir, "-o", tmp_path / "cache", *FAST, "--set", assignment)

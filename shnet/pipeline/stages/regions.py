@@ -60,11 +60,10 @@ class RegionsStage(ImageStage):
             )
         for key in ("min_size", "max_size", "pre_nms_topk", "post_nms_topk"):
             config[key] = _positive_int(config, key)
-        for key in ("conf_threshold", "rpn_nms_iou"):
-            config[key] = float(config[key])
         if config["nms_iou"] is None:
             config["nms_iou"] = FIRST_NMS_IOU[config["selection"]]
-        config["nms_iou"] = float(config["nms_iou"])
+        for key in ("conf_threshold", "nms_iou", "rpn_nms_iou"):
+            config[key] = _number(config, key)
         _require(0 < config["nms_iou"] < 1 and 0 < config["rpn_nms_iou"] <= 1, "regions.nms_iou and regions.rpn_nms_iou must be in (0, 1)")
         config["min_boxes"], config["max_boxes"] = _box_counts(config)
         config["allow_missing_keys"] = bool(config["allow_missing_keys"])
@@ -232,6 +231,13 @@ def _positive_int(config, key) -> int:
         value = 0
     _require(value >= 1, f"regions.{key} must be a positive integer (got {config[key]!r})")
     return value
+
+
+def _number(config, key) -> float:
+    try:
+        return float(config[key])
+    except (TypeError, ValueError):
+        raise ShnetError(f"regions.{key} must be a number (got {config[key]!r})") from None
 
 
 def _box_counts(config) -> tuple[int, int]:
