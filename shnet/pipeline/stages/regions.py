@@ -66,7 +66,7 @@ class RegionsStage(ImageStage):
             config[key] = _number(config, key)
         _require(0 < config["nms_iou"] < 1 and 0 < config["rpn_nms_iou"] <= 1, "regions.nms_iou and regions.rpn_nms_iou must be in (0, 1)")
         config["min_boxes"], config["max_boxes"] = _box_counts(config)
-        config["allow_missing_keys"] = bool(config["allow_missing_keys"])
+        _require(isinstance(config["allow_missing_keys"], bool), f"regions.allow_missing_keys must be true or false (got {config['allow_missing_keys']!r})")
         config["weights_sha256"] = weights_identity(config["weights"])
         config["boxes_sha256"] = file_sha256(config["boxes"]) if config["boxes"] else ""
         config["slots"] = self._given_slots(config) if config["boxes"] else config["max_boxes"]
