@@ -159,8 +159,9 @@ def _plan(rows: int, shard_size: int) -> int:
 def _check_same(store: EmbeddingStore, part: str, old: dict, new: dict, keys: Sequence[str]) -> None:
     diffs = [f"  {part}.{k}: store has {old.get(k)!r}, this run gives {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
     if diffs:
+        what = "embeddings" if part in ("run", "store") else f"{part} embeddings"
         raise ShnetError(
-            f"{store.root} holds {part} embeddings made otherwise:\n" + "\n".join(diffs) + "\n"
+            f"{store.root} holds {what} made otherwise:\n" + "\n".join(diffs) + "\n"
             "Refusing to mix them: encode into a new -o directory, or re-run with the store's settings."
         )
 

@@ -148,12 +148,13 @@ class EmbeddingStore:
         """The global row and embedding of the first row whose ``column`` equals ``value``."""
         entry = self.complete_part(part)
         for shard in range(entry["shards"]):
-            table = pq.read_table(self.shard_path(part, shard), columns=[column, "embedding"])
-            hits = np.flatnonzero(table.column(column).to_numpy(zero_copy_only=False) == value)
+            path = self.shard_path(part, shard)
+            hits = np.flatnonzero(pq.read_table(path, columns=[column]).column(column).to_numpy(zero_copy_only=False) == value)
             if len(hits):
                 row = int(hits[0])
-                return shard * entry["shard_size"] + row, embedding_matrix(table.column("embedding").slice(row, 1))[0]
-        raise ShnetError(f"no {part} row with {column} {value!r} in {self.root}")
+                embeddings = pq.read_table(path, columns=["embedding"]).column("embedding")
+                return shard * entry["shard_size"] + row, embedding_matrix(embeddings.slice(row, 1))[0]
+        raise ShnetError(f"no {column} {value!r} among the {entry['rows']} encoded {part} of {self.root}")
 
     def remove_stale_temporaries(self) -> None:
         """Delete ``*.tmp-*`` leftovers of an interrupted encode; only call while holding the lock."""
