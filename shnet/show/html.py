@@ -22,7 +22,7 @@ h1 { font-size: 1.3em; } .meta { color: #666; font-size: 0.9em; }
 .card { background: #fff; border: 1px solid #ddd; border-radius: 6px; padding: 8px; width: 260px; }
 .card img { max-width: 260px; max-height: 260px; display: block; margin: 0 auto 6px; }
 .card .missing { width: 260px; height: 120px; display: flex; align-items: center; justify-content: center; background: #eee; color: #888; }
-.card p { margin: 2px 0; font-size: 0.85em; word-break: break-all; }
+.card p { margin: 2px 0; font-size: 0.85em; overflow-wrap: anywhere; }
 table { border-collapse: collapse; } td, th { padding: 4px 8px; border-bottom: 1px solid #ddd; text-align: left; font-size: 0.9em; }
 """
 
