@@ -5,6 +5,7 @@ DATA/images/00000.jpg ...            the scenes (JPEG, varied sizes and aspect r
 DATA/panoptic.json                   COCO panoptic annotations (images, annotations[].segments_info, categories)
 DATA/panoptic/00000.png ...          COCO panoptic PNGs (segment id = R + 256 G + 256^2 B)
 DATA/captions.json                   Karpathy split file (images[].filename, split, sentences[].raw/tokens)
+DATA/boxes.json                      ground-truth object boxes {image_id: [[x1, y1, x2, y2], ...]} (regions.boxes)
 DATA/dataset.json                    the generator settings, written last: the set is complete
 ```
 
@@ -28,7 +29,7 @@ from ..cache import atomic_write_json
 from ..errors import ShnetError
 from .scenes import encode_segment_ids, make_scene
 
-IMAGES, PANOPTIC_JSON, PANOPTIC_DIR, CAPTIONS, RECORD = "images", "panoptic.json", "panoptic", "captions.json", "dataset.json"
+IMAGES, PANOPTIC_JSON, PANOPTIC_DIR, CAPTIONS, BOXES, RECORD = "images", "panoptic.json", "panoptic", "captions.json", "boxes.json", "dataset.json"
 DATASET_NAME = "shnet-demo"
 SPLITS = ("train", "val", "test")
 
@@ -79,6 +80,10 @@ class DatasetFiles:
         return self.root / CAPTIONS
 
     @property
+    def boxes(self) -> Path:
+        return self.root / BOXES
+
+    @property
     def record(self) -> Path:
         return self.root / RECORD
 
@@ -120,7 +125,7 @@ def generate_dataset(root: str | Path, settings: DatasetSettings, progress: Call
     for folder in (files.images, files.panoptic_dir):
         folder.mkdir(parents=True, exist_ok=True)
     categories = _categories_json()
-    panoptic_images, annotations, karpathy = [], [], []
+    panoptic_images, annotations, karpathy, boxes = [], [], [], {}
     sentence_id = 0
     for index in range(settings.images):
         scene = make_scene(settings.seed, index, settings.max_side)
@@ -138,6 +143,7 @@ def generate_dataset(root: str | Path, settings: DatasetSettings, progress: Call
                 ],
             }
         )
+        boxes[name] = [[x, y, x + w, y + h] for s in scene.segments if s.category.is_thing for x, y, w, h in [s.bbox]]
         sentences = []
         for caption in scene.captions:
             sentences.append({"raw": caption, "tokens": tokens(caption), "imgid": index, "sentid": sentence_id})
@@ -155,20 +161,7 @@ def generate_dataset(root: str | Path, settings: DatasetSettings, progress: Call
             progress(index + 1, settings.images)
     atomic_write_json(files.panoptic_json, {"images": panoptic_images, "annotations": annotations, "categories": categories})
     atomic_write_json(files.captions, {"dataset": DATASET_NAME, "images": karpathy})
+    atomic_write_json(files.boxes, boxes)
     atomic_write_json(files.record, asdict(settings))
     return files
 
-
-def split_image_names(captions_path: str | Path, split: str) -> list[str]:
-    """The image names (without extension) of one split of a demo captions file, in file order."""
-    data = json.loads(Path(captions_path).read_text())
-    return [Path(entry["filename"]).stem for entry in data["images"] if entry["split"] == split]
-
-
-def scene_arrays(files: DatasetFiles, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """One scene's pixels and its panoptic segment-id map, read back from the files."""
-    from .scenes import decode_segment_ids
-
-    pixels = np.asarray(Image.open(files.images / f"{name}.jpg").convert("RGB"))
-    ids = decode_segment_ids(np.asarray(Image.open(files.panoptic_dir / f"{name}.png").convert("RGB")))
-    return pixels, ids
