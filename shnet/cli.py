@@ -1,4 +1,4 @@
-"""The ``shnet`` command line: extract, inspect, verify, train, evaluate."""
+"""The ``shnet`` command line: extract, inspect, verify, train, evaluate, import, export, encode, search, show, demo."""
 
 from __future__ import annotations
 
@@ -192,3 +192,7 @@ main.add_command(search_command, "search")
 from .show.cli import show_command  # noqa: E402
 
 main.add_command(show_command, "show")
+
+from .demo.cli import demo_command  # noqa: E402
+
+main.add_command(demo_command, "demo")
