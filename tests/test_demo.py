@@ -1,0 +1,157 @@
+"""``shnet demo``: the scene generator (determinism, annotations against pixels, occlusion, captions),
+the report page in a real browser, and the demo end to end (short here, full under ``-m slow``)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from shnet.data import coco_panoptic_categories
+from shnet.demo.dataset import DatasetSettings, generate_dataset
+from shnet.demo.metrics_table import MODELS, chance_metrics
+from shnet.demo.scenes import COLOURS, SHAPES, decode_segment_ids, make_scene
+from shnet.errors import ShnetError
+from shnet.trainer.captions import read_captions, select_split
+from shnet.trainer.metrics import chance_rsum
+
+SCENES = 12
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo-data")
+    return generate_dataset(root / "data", DatasetSettings(images=SCENES, seed=3))
+
+
+def file_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_scenes_are_deterministic_by_seed(tmp_path, data):
+    again = generate_dataset(tmp_path / "again", DatasetSettings(images=SCENES, seed=3))
+    assert file_bytes(again.root) == file_bytes(data.root)
+    other = make_scene(4, 0)
+    assert not np.array_equal(other.segment_map, make_scene(3, 0).segment_map) or other.captions != make_scene(3, 0).captions
+    longer = generate_dataset(tmp_path / "longer", DatasetSettings(images=SCENES + 8, seed=3))
+    first = data.images / "00005.jpg"
+    assert (longer.images / "00005.jpg").read_bytes() == first.read_bytes()  # scene i depends on (seed, i) only
+
+
+def test_generating_again_keeps_the_set_and_refuses_other_settings(data):
+    before = {p: p.stat().st_mtime_ns for p in data.root.rglob("*")}
+    generate_dataset(data.root, DatasetSettings(images=SCENES, seed=3))
+    assert {p: p.stat().st_mtime_ns for p in data.root.rglob("*")} == before
+    with pytest.raises(ShnetError, match="generated with"):
+        generate_dataset(data.root, DatasetSettings(images=SCENES + 1, seed=3))
+
+
+def test_panoptic_annotations_match_the_pixels(data):
+    panoptic = json.loads(data.panoptic_json.read_text())
+    by_id = {c.id: c for c in coco_panoptic_categories()}
+    assert [c["id"] for c in panoptic["categories"]] == [c.id for c in coco_panoptic_categories()]
+    images = {i["id"]: i for i in panoptic["images"]}
+    shapes = set()
+    for annotation in panoptic["annotations"]:
+        entry = images[annotation["image_id"]]
+        photo = Image.open(data.images / entry["file_name"])
+        png = np.asarray(Image.open(data.panoptic_dir / annotation["file_name"]).convert("RGB"))
+        assert photo.size == (entry["width"], entry["height"]) == (png.shape[1], png.shape[0])
+        ids = decode_segment_ids(png)
+        segments = {s["id"]: s for s in annotation["segments_info"]}
+        assert set(np.unique(ids)) == set(segments)  # every pixel belongs to a listed segment
+        things = 0
+        for seg_id, segment in segments.items():
+            ys, xs = np.nonzero(ids == seg_id)
+            assert segment["area"] == len(xs)
+            assert segment["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+            category = by_id[segment["category_id"]]
+            things += category.is_thing
+            if category.is_thing:
+                assert category.name in {s.category for s in SHAPES}
+        assert things in (2, 3)
+        shapes.add(photo.size[0] / photo.size[1])
+    assert len(shapes) >= 3  # varied aspect ratios
+    boxes = json.loads(data.boxes.read_text())
+    for annotation in panoptic["annotations"]:
+        name = Path(annotation["file_name"]).stem
+        expected = [
+            [s["bbox"][0], s["bbox"][1], s["bbox"][0] + s["bbox"][2], s["bbox"][1] + s["bbox"][3]]
+            for s in annotation["segments_info"]
+            if by_id[s["category_id"]].is_thing
+        ]
+        assert boxes[name] == expected
+
+
+def test_occlusion_is_what_the_panoptic_map_shows():
+    scene = next(s for s in (make_scene(0, i) for i in range(40)) if _overlapping(s.objects))
+    under_index, over_index = _overlapping(scene.objects)
+    under, over = scene.objects[under_index], scene.objects[over_index]
+    hidden = under.mask & over.mask
+    under_id = next(s.id for s in scene.segments if s.category.name == under.kind.category)
+    over_id = next(s.id for s in scene.segments if s.category.name == over.kind.category)
+    assert hidden.any()
+    assert (scene.segment_map[hidden] == over_id).all()  # the later shape is drawn over the earlier one
+    visible = scene.segment_map == under_id
+    assert 0 < visible.sum() < under.mask.sum()
+    colour = scene.pixels[scene.segment_map == over_id].mean(axis=0)
+    assert np.abs(colour - COLOURS[over.colour]).max() < 12
+    assert any("partly covering" in caption and over.name in caption for caption in scene.captions)
+
+
+def _overlapping(objects):
+    for i, under in enumerate(objects):
+        for j in range(i + 1, len(objects)):
+            if (under.mask & objects[j].mask).any():
+                return i, j
+    return None
+
+
+def test_captions_say_what_is_drawn():
+    for index in range(20):
+        scene = make_scene(1, index)
+        assert len(scene.captions) == 5
+        for caption in scene.captions:
+            for obj in scene.objects:
+                assert obj.name in caption
+        listing = scene.captions[0]
+        positions = [listing.index(o.name) for o in scene.objects]
+        by_x = [o.centre[0] for o in scene.objects]
+        assert np.argsort(positions).tolist() == np.argsort(by_x).tolist()  # "from left to right" is true
+        for obj in scene.objects:
+            assert f"{obj.size} {obj.name}" in listing
+            seg_id = next(s.id for s in scene.segments if s.category.name == obj.kind.category)
+            drawn = scene.pixels[scene.segment_map == seg_id]
+            assert np.abs(drawn.mean(axis=0) - COLOURS[obj.colour]).max() < 12  # the named colour is the drawn one
+        count = {2: "two", 3: "three"}[len(scene.objects)]
+        assert scene.captions[2].startswith(f"{count} objects")
+        ground = scene.grounds[-1].phrase
+        assert sum(ground in c for c in scene.captions) >= 4
+
+
+def test_karpathy_split_file(data):
+    split = json.loads(data.captions.read_text())
+    assert split["dataset"] == "shnet-demo"
+    sizes = DatasetSettings(images=SCENES, seed=3).split_sizes()
+    assert [sum(e["split"] == s for e in split["images"]) for s in ("train", "val", "test")] == [sizes[s] for s in ("train", "val", "test")]
+    sentence_ids = [s["sentid"] for e in split["images"] for s in e["sentences"]]
+    assert sentence_ids == list(range(5 * SCENES))
+    for entry in split["images"]:
+        assert (data.images / entry["filename"]).is_file()
+        assert entry["sentids"] == [s["sentid"] for s in entry["sentences"]]
+        for sentence in entry["sentences"]:
+            assert sentence["tokens"] == re.findall(r"[a-z]+", sentence["raw"])
+    test = select_split(read_captions(data.captions), "test")  # what shnet train / evaluate read
+    assert test.num_images == sizes["test"] and test.captions_per_image().tolist() == [5] * sizes["test"]
+
+
+def test_chance_metrics_agree_with_the_trainer():
+    for n in (5, 50, 1000):
+        assert chance_metrics(n)["rsum"] == pytest.approx(chance_rsum(n))
+    assert chance_metrics(100)["t2i"]["r1"] == pytest.approx(1.0)
