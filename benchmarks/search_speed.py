@@ -133,6 +133,7 @@ def main() -> None:
         started = time.perf_counter()
         index.search(queries, 10)
         ann_batch = time.perf_counter() - started
+        del index
         _, approximate = ann_top_k(store, queries, 10)  # as `shnet search --ann` does: the index read from disk
         recall = recall_at(approximate, exact)
         print(
