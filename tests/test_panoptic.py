@@ -127,13 +127,19 @@ def test_an_image_where_nothing_is_found_gets_an_all_void_map(model_dir, photo_d
 
 
 def test_oneformer_folder_runs_offline_with_its_tokenizer_and_is_refused_without(photo_dir, tmp_path):
+    from shnet.pipeline.images import decode_image
+    from shnet.pipeline.models.panoptic_hf import infer, preprocess
+
     folder = tiny_oneformer(tmp_path / "tiny-oneformer")
-    cache = tmp_path / "cache"
-    extract(photo_dir, "-o", cache, "--stages", "panoptic", "--set", f"panoptic.model={folder}", "--set", "panoptic.resolution=64", "--workers", 1)
-    table = Cache(cache).stage_table("panoptic")
-    assert (table["status"] == "ok").all()
-    with h5py.File(cache / "panoptic" / "00000.h5") as h5:
-        assert h5.attrs["model"] == "tiny-oneformer" and h5["probs"][:].max() > 0
+    stage = PanopticStage()
+    config = stage.resolve_config({"model": str(folder), "overlap_threshold": 0.0, "threshold": 0.0})
+    stage.check(config)
+    bundle = stage.load(config, "cpu")
+    assert bundle.kind == "oneformer" and bundle.task_inputs.shape == (1, 16)
+    rgbs = [decode_image(str(p)) for p in sorted(photo_dir.rglob("*.jpg"))[:3]]
+    results = infer(bundle, [preprocess(r, bundle) for r in rgbs], config, "cpu")
+    for rgb, result in zip(rgbs, results):
+        assert result.class_map.shape == rgb.shape[:2] and result.probs.shape == (133, 7, 7) and result.probs.max() > 0
     for name in ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json"):
         (folder / name).unlink(missing_ok=True)
     with pytest.raises(ShnetError, match="OneFormer folder needs its text tokenizer"):
@@ -271,12 +277,16 @@ def test_detectron2_backend_is_refused_clearly_without_detectron2(tmp_path):
 # --- images -> panoptic -> layout -> train ---------------------------------------------------------
 
 
-def test_train_grid_level_on_a_cache_made_by_extract(photo_dir, tmp_path, single_torch_thread):
-    sizes = {p.stem: Image.open(p).size[::-1] for p in sorted(photo_dir.rglob("*.*"))}
-    json_path, _ = blocky_annotations(tmp_path / "ann", sizes)
+@pytest.mark.parametrize("backend", ["coco", pytest.param("hf", marks=pytest.mark.slow)])
+def test_train_grid_level_on_a_cache_made_by_extract(backend, photo_dir, tmp_path, single_torch_thread):
+    if backend == "coco":
+        sizes = {p.stem: Image.open(p).size[::-1] for p in sorted(photo_dir.rglob("*.*"))}
+        json_path, _ = blocky_annotations(tmp_path / "ann", sizes)
+        panoptic = ["--set", "panoptic.backend=coco", "--set", f"panoptic.annotations={json_path}"]
+    else:
+        panoptic = ["--set", f"panoptic.model={tiny_mask2former(tmp_path / 'm2f')}", *OVERLAP0]
     cache = tmp_path / "cache"
-    extract(photo_dir, "-o", cache, "--stages", "grid,panoptic,layout", "--profile", "smoke", "--set", "grid.input_size=64",
-            "--set", "panoptic.backend=coco", "--set", f"panoptic.annotations={json_path}", "--workers", 1)
+    extract(photo_dir, "-o", cache, "--stages", "grid,panoptic,layout", "--profile", "smoke", "--set", "grid.input_size=64", *panoptic, "--workers", 1)
     ids = Cache(cache).images()["image_id"].tolist()
     words = ["cat", "rocket", "coffee", "flower", "city", "person", "camera"]
     rows = [(image_id, f"a photo of a {words[i]} number {j}", "train" if i < 5 else "val") for i, image_id in enumerate(ids) for j in range(5)]
