@@ -75,6 +75,7 @@ def read_model_config(folder: str) -> dict:
 
 
 def label_lookup(folder: str, label_map_path: str | None) -> np.ndarray:
+    """Model label id -> COCO class index (VOID where the label map says null)."""
     config = read_model_config(folder)
     id2label = {int(k): v for k, v in config["id2label"].items()}
     return match_labels(id2label, read_label_map(label_map_path), f"panoptic.model {folder}", label_map_path)
@@ -82,8 +83,7 @@ def label_lookup(folder: str, label_map_path: str | None) -> np.ndarray:
 
 def check_hf_model(folder: str, label_map_path: str | None) -> None:
     """Config, label set and weights checked once in the client: the weights must load with no
-    missing or unexpected parameter."""
-    label_lookup(folder, label_map_path)
+    missing, unexpected or mis-shaped parameter."""
     load_hf_panoptic(folder, label_map_path, "cpu")
 
 
@@ -99,17 +99,9 @@ def load_hf_panoptic(folder: str, label_map_path: str | None, device: str) -> HF
     hf_logging.disable_progress_bar()
     try:
         model, info = AutoModelForUniversalSegmentation.from_pretrained(path, output_loading_info=True, local_files_only=True)
-        if kind == "oneformer":
-            try:
-                processor = AutoProcessor.from_pretrained(path, local_files_only=True)
-            except (OSError, ValueError, TypeError) as exc:
-                raise ShnetError(
-                    f"panoptic.model {path}: a OneFormer folder needs its text tokenizer saved beside the model "
-                    f"(processor.save_pretrained(PATH) of a OneFormerProcessor); loading it failed: {exc}"
-                ) from exc
-        else:
-            processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
-    except OSError as exc:
+        loader = AutoProcessor if kind == "oneformer" else AutoImageProcessor  # OneFormer's processor holds its tokenizer
+        processor = loader.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as exc:
         raise ShnetError(f"panoptic.model {path} could not be loaded: {exc}") from exc
     finally:
         hf_logging.set_verbosity(verbosity)
