@@ -155,3 +155,113 @@ def test_chance_metrics_agree_with_the_trainer():
     for n in (5, 50, 1000):
         assert chance_metrics(n)["rsum"] == pytest.approx(chance_rsum(n))
     assert chance_metrics(100)["t2i"]["r1"] == pytest.approx(1.0)
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+SHORT = dict(images=60, epochs=3, seed=0)
+
+
+@pytest.fixture(scope="module")
+def short_demo(tmp_path_factory):
+    """The demo end to end at a size CI affords (the README's `shnet demo`, fewer images and epochs),
+    through the command line."""
+    from click.testing import CliRunner
+
+    from shnet.cli import main
+
+    output = tmp_path_factory.mktemp("demo") / "out"
+    args = ["demo", "-o", str(output), "--images", str(SHORT["images"]), "--epochs", str(SHORT["epochs"]), "--no-progress"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    return output, result.output, args
+
+
+def test_short_demo_learns_far_above_chance(short_demo):
+    output, printed, _ = short_demo
+    for path in ("data/captions.json", "data/panoptic.json", "cache/cache.json", "runs/region/best.pth", "runs/grid/best.pth", "report.html"):
+        assert (output / path).exists(), path
+    metrics = json.loads((output / "metrics.json").read_text())
+    n_test = metrics["n_test_images"]
+    assert n_test == SHORT["images"] // 10
+    chance = chance_metrics(n_test)
+    for model in MODELS:
+        assert set(metrics[model]) == {"full"} and set(metrics[model]["full"]) == {"i2t", "t2i", "rsum"}
+    # A clear margin: the hybrid's rSum is well past chance, and its t2i R@1 at least twice chance.
+    assert metrics["hybrid"]["full"]["rsum"] > chance["rsum"] + 60
+    assert metrics["hybrid"]["full"]["t2i"]["r1"] >= 2 * chance["t2i"]["r1"]
+    assert "chance" in printed and "x chance" in printed and "report.html" in printed
+    cache = json.loads((output / "cache" / "cache.json").read_text())
+    assert {"grid", "saliency", "regions", "panoptic", "layout"} <= set(cache["stages"])
+
+
+def test_second_demo_run_resumes_everything(short_demo):
+    from click.testing import CliRunner
+
+    from shnet.cli import main
+
+    output, _, args = short_demo
+    watched = [output / "data" / "captions.json", output / "cache" / "images.parquet", output / "runs" / "region" / "last.pth", output / "runs" / "grid" / "last.pth"]
+    watched += sorted((output / "cache" / "regions").glob("*.h5"))
+    before = {p: p.stat().st_mtime_ns for p in watched}
+    metrics = json.loads((output / "metrics.json").read_text())
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert {p: p.stat().st_mtime_ns for p in watched} == before  # data, cache and runs reused
+    assert "nothing to extract" in result.output and "has finished its" in result.output
+    again = json.loads((output / "metrics.json").read_text())
+    assert {m: again[m] for m in MODELS} == {m: metrics[m] for m in MODELS}  # re-evaluated, same figures
+
+
+def test_report_is_self_contained(short_demo):
+    output, _, _ = short_demo
+    page = (output / "report.html").read_text()
+    sources = re.findall(r"src='([^']*)'", page)
+    assert sources and all(s.startswith("data:image/") for s in sources)
+    assert not re.search(r"(href|src)=['\"]?(https?:|//)", page)
+    assert page.count("class='hit correct'") >= 1 and "id=\"metrics\"" in page
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium installed")
+def test_report_loads_in_a_real_browser(short_demo, tmp_path):
+    output, _, _ = short_demo
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ]
+    url = (output / "report.html").as_uri()
+    # Images count as loaded when the browser decoded them (naturalWidth > 0); the script runs before the DOM is dumped.
+    dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", "--virtual-time-budget=5000", url], capture_output=True, text=True, timeout=120).stdout
+    assert "<table class=\"metrics\" id=\"metrics\">" in dom
+    rows = re.findall(r"<tr class=\"(\w+)\">", dom)
+    assert rows == [*MODELS, "chance"]
+    assert len(re.findall(r"<img ", dom)) == 2 + 5 * 6  # two curve plots, top-5 of six captions
+    shot = tmp_path / "report.png"
+    subprocess.run([CHROMIUM, *flags, f"--screenshot={shot}", "--window-size=1100,1400", url], capture_output=True, timeout=120)
+    pixels = np.asarray(Image.open(shot).convert("RGB"))
+    assert pixels.shape[:2] == (1400, 1100)
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 1000  # photos and plots were drawn, not a blank page
+
+
+@pytest.mark.slow
+def test_full_demo_meets_its_goals(tmp_path):
+    """The README's `shnet demo` with its defaults: hybrid t2i R@1 >= 5x chance within 5 minutes."""
+    import time
+
+    from click.testing import CliRunner
+
+    from shnet.cli import main
+
+    started = time.perf_counter()
+    result = CliRunner().invoke(main, ["demo", "-o", str(tmp_path / "demo"), "--no-progress"])
+    seconds = time.perf_counter() - started
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())
+    chance = chance_metrics(metrics["n_test_images"])
+    assert metrics["hybrid"]["full"]["t2i"]["r1"] >= 5 * chance["t2i"]["r1"]
+    assert seconds < 300, f"the demo took {seconds:.0f}s"

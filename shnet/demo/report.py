@@ -94,6 +94,8 @@ def write_report(
     paths = cache.images().set_index("image_id")["path"].to_dict()
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+        # Nothing on the page may be fetched: every image is a data: URI, the style is inline.
+        "<meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; img-src data:; style-src 'unsafe-inline'\">",
         "<title>shnet demo report</title>",
         f"<style>{_STYLE}</style></head><body>",
         "<h1>shnet demo</h1>",

@@ -30,9 +30,10 @@ from ..trainer.train import LAST, TrainOptions, train
 from .dataset import DatasetFiles, DatasetSettings, generate_dataset
 from .metrics_table import MODELS, chance_metrics, format_table
 from .report import retrieval_examples, write_report
+from .scenes import CAPTIONS_PER_SCENE
 
 PROFILE = "demo"  # shnet/manifests/profiles/demo.yaml
-DEFAULT_IMAGES = 600
+DEFAULT_IMAGES = 300
 DEFAULT_EPOCHS = 3
 LEVELS = ("region", "grid")  # the trained runs (named after their level)
 REPORT_EXAMPLES = 6
@@ -40,11 +41,13 @@ MAX_SHARDS = 4  # shards per stage: enough to keep the embedded cluster's worker
 
 # The training recipe of the demo: a small joint space and a raised learning rate so that a few
 # epochs on a few hundred images learn; the loss sums over all negatives throughout (the
-# hardest-negative switch of the paper recipe needs longer training to pay off).
+# hardest-negative switch of the paper recipe needs longer training to pay off). A step costs the
+# same per caption at any batch size (the 64x64 class-map attention dominates), so batches are as
+# large as MAX_BATCH but small enough for MIN_STEPS steps per epoch on small sets.
+MAX_BATCH, MIN_STEPS = 64, 8
 TRAIN_RECIPE = dict(
     embed_size=256,
     word_dim=128,
-    batch_size=64,
     lr=2e-3,
     max_violation_after=1000,
     workers=0,
@@ -105,15 +108,22 @@ def extract_command_line(request: ExtractRequest) -> str:
     return f"shnet extract {' '.join(request.image_dirs)} -o {request.cache} --profile {request.profile} {sets} --shard-size {request.shard_size}"
 
 
-def train_options(files: DatasetFiles, cache: Path, run_dir: Path, level: str, epochs: int, seed: int, progress: bool) -> TrainOptions:
+def batch_size(train_images: int) -> int:
+    return max(8, min(MAX_BATCH, CAPTIONS_PER_SCENE * train_images // MIN_STEPS))
+
+
+def train_options(
+    files: DatasetFiles, cache: Path, run_dir: Path, level: str, settings: DatasetSettings, epochs: int, progress: bool
+) -> TrainOptions:
     return TrainOptions(
         caches=[str(cache)],
         captions=str(files.captions),
         output=str(run_dir),
         level=level,
         epochs=epochs,
-        seed=seed,
+        seed=settings.seed,
         progress=progress,
+        batch_size=batch_size(settings.split_sizes()["train"]),
         **TRAIN_RECIPE,
     )
 
@@ -136,6 +146,7 @@ def evaluate_all(runs: dict[str, Path], log: Callable[[str], None]) -> dict[str,
 def settings_lines(options: DemoOptions, settings: DatasetSettings, request: ExtractRequest) -> list[str]:
     sizes = settings.split_sizes()
     recipe = ", ".join(f"{k}={v}" for k, v in TRAIN_RECIPE.items())
+    recipe += f", batch_size={batch_size(sizes['train'])}"
     return [
         f"data: {settings.images} synthetic scenes (train {sizes['train']}, val {sizes['val']}, test {sizes['test']}), "
         f"seed {settings.seed}, longer side up to {settings.max_side} px, 5 captions each",
@@ -187,7 +198,7 @@ def run_demo(options: DemoOptions, log: Callable[[str], None] = print, show_extr
     for step, name in enumerate(LEVELS, start=3):
         run_dir = paths["runs"] / name
         log(f"[{step}/5] train the {name} model ({options.epochs} epochs) in {run_dir}")
-        train_or_resume(train_options(files, paths["cache"], run_dir, name, options.epochs, options.seed, options.progress), log)
+        train_or_resume(train_options(files, paths["cache"], run_dir, name, settings, options.epochs, options.progress), log)
         runs[name] = run_dir
         lap(f"train_{name}")
 
