@@ -158,7 +158,7 @@ def test_chance_metrics_agree_with_the_trainer():
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-SHORT = dict(images=60, epochs=3, seed=0)
+SHORT = dict(images=60, epochs=2, seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -53,7 +53,7 @@ def data_uri(path: Path, max_side: int | None = None, fmt: str = "JPEG") -> str:
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
-h1 { margin-bottom: 0.2em; } .note { color: #555; }
+h1 { margin-bottom: 0.2em; } .note { color: #555; overflow-wrap: anywhere; }
 table.metrics { border-collapse: collapse; margin: 1em 0; }
 table.metrics th, table.metrics td { border: 1px solid #ccc; padding: 4px 10px; text-align: right; }
 table.metrics td:first-child, table.metrics th:first-child { text-align: left; }

@@ -34,7 +34,7 @@ from .scenes import CAPTIONS_PER_SCENE
 
 PROFILE = "demo"  # shnet/manifests/profiles/demo.yaml
 DEFAULT_IMAGES = 300
-DEFAULT_EPOCHS = 3
+DEFAULT_EPOCHS = 2
 LEVELS = ("region", "grid")  # the trained runs (named after their level)
 REPORT_EXAMPLES = 6
 MAX_SHARDS = 4  # shards per stage: enough to keep the embedded cluster's workers busy
