@@ -24,8 +24,16 @@ def _show_extract(report) -> None:
 
 
 @click.command("demo")
-@click.option("-o", "--output", default="shnet-demo", show_default=True, type=click.Path(file_okay=False), help="Demo directory (resumed if it exists).")
-@click.option("--images", default=DEFAULT_IMAGES, show_default=True, type=click.IntRange(min=20), help="Synthetic scenes to generate (80% train, 10% val, 10% test).")
+@click.option(
+    "-o", "--output", default="shnet-demo", show_default=True, type=click.Path(file_okay=False), help="Demo directory (resumed if it exists)."
+)
+@click.option(
+    "--images",
+    default=DEFAULT_IMAGES,
+    show_default=True,
+    type=click.IntRange(min=20),
+    help="Synthetic scenes to generate (80% train, 10% val, 10% test).",
+)
 @click.option("--epochs", default=DEFAULT_EPOCHS, show_default=True, type=click.IntRange(min=1), help="Training epochs of each model.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the scenes and of the training runs.")
 @click.option("--workers", type=click.IntRange(min=1), help="Extraction worker processes (default: as shnet extract).")

@@ -22,14 +22,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 from PIL import Image
 
 from ..cache import atomic_write_json
 from ..errors import ShnetError
 from .scenes import encode_segment_ids, make_scene
 
-IMAGES, PANOPTIC_JSON, PANOPTIC_DIR, CAPTIONS, BOXES, RECORD = "images", "panoptic.json", "panoptic", "captions.json", "boxes.json", "dataset.json"
+IMAGES, PANOPTIC_JSON, PANOPTIC_DIR = "images", "panoptic.json", "panoptic"
+CAPTIONS, BOXES, RECORD = "captions.json", "boxes.json", "dataset.json"
 DATASET_NAME = "shnet-demo"
 SPLITS = ("train", "val", "test")
 

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from ..cache import Cache
+from ..trainer.captions import CaptionSet
 from .metrics_table import MODELS, TABLE_COLUMNS, chance_metrics
 
 THUMBNAIL_SIDE = 112
@@ -27,14 +28,15 @@ class RetrievalExample:
     ranked: list[tuple[str, float]]  # the top-k image_ids with their similarity
 
 
-def retrieval_examples(sims: np.ndarray, images: list[str], captions: list[str], caption_image: np.ndarray, count: int) -> list[RetrievalExample]:
-    """Text-to-image top-k for ``count`` captions spread evenly over the split."""
-    picks = np.linspace(0, len(captions) - 1, num=min(count, len(captions))).round().astype(int)
+def retrieval_examples(sims: np.ndarray, captions: CaptionSet, count: int) -> list[RetrievalExample]:
+    """Text-to-image top-k (``sims``: images x captions) for ``count`` captions spread evenly over the split."""
+    picks = np.linspace(0, len(captions.captions) - 1, num=min(count, len(captions.captions))).round().astype(int)
     examples = []
     for c in picks:
         column = sims[:, c]
         order = np.argsort(-column, kind="stable")[:TOP_K]
-        examples.append(RetrievalExample(captions[c], images[caption_image[c]], [(images[i], float(column[i])) for i in order]))
+        ranked = [(captions.images[i], float(column[i])) for i in order]
+        examples.append(RetrievalExample(captions.captions[c], captions.images[captions.caption_image[c]], ranked))
     return examples
 
 
@@ -110,7 +112,8 @@ def write_report(
         "<h2>Training curves</h2>",
     ]
     for model, curve in curves.items():
-        parts.append(f"<figure><figcaption>{html.escape(model)} model</figcaption><img alt='{model} training curves' src='{data_uri(curve, fmt='PNG')}'></figure>")
+        image = f"<img alt='{model} training curves' src='{data_uri(curve, fmt='PNG')}'>"
+        parts.append(f"<figure><figcaption>{html.escape(model)} model</figcaption>{image}</figure>")
     parts.append(f"<h2>Text-to-image: the top {TOP_K} images of the hybrid model</h2>")
     parts.append("<p class='note'>The caption's own image is framed in green.</p>")
     for example in examples:

@@ -105,7 +105,8 @@ def extract_request(files: DatasetFiles, cache: Path, images: int, workers: int 
 
 def extract_command_line(request: ExtractRequest) -> str:
     sets = " ".join(f"--set {o}" for o in request.overrides)
-    return f"shnet extract {' '.join(request.image_dirs)} -o {request.cache} --profile {request.profile} {sets} --shard-size {request.shard_size}"
+    folders = " ".join(request.image_dirs)
+    return f"shnet extract {folders} -o {request.cache} --profile {request.profile} {sets} --shard-size {request.shard_size}"
 
 
 def batch_size(train_images: int) -> int:
@@ -157,7 +158,9 @@ def settings_lines(options: DemoOptions, settings: DatasetSettings, request: Ext
     ]
 
 
-def run_demo(options: DemoOptions, log: Callable[[str], None] = print, show_extract: Callable[[ExtractReport], None] | None = None) -> DemoResult:
+def run_demo(
+    options: DemoOptions, log: Callable[[str], None] = print, show_extract: Callable[[ExtractReport], None] | None = None
+) -> DemoResult:
     """Every step of the demo, each one resumed when its output is already there."""
     if options.images < 20:
         raise ShnetError(f"--images must be at least 20 (got {options.images}): each split needs a few images")
@@ -191,7 +194,10 @@ def run_demo(options: DemoOptions, log: Callable[[str], None] = print, show_extr
         show_extract(report)
     if report.failed_shards:
         lines = "\n".join(f"  {stage} shard {shard}: {error}" for stage, shard, error in report.failed_shards)
-        raise ShnetError(f"the demo's extract left {len(report.failed_shards)} failed shard(s) (re-run to retry):\n{lines}\nTracebacks: {Cache.error_log_path(report.cache)}")
+        raise ShnetError(
+            f"the demo's extract left {len(report.failed_shards)} failed shard(s) (re-run to retry):\n{lines}\n"
+            f"Tracebacks: {Cache.error_log_path(report.cache)}"
+        )
     lap("extract")
 
     runs = {}
@@ -211,7 +217,7 @@ def run_demo(options: DemoOptions, log: Callable[[str], None] = print, show_extr
     metrics["n_test_images"] = n_test
     metrics["chance"] = chance_metrics(n_test)
     hybrid = evaluations["hybrid"]
-    examples = retrieval_examples(hybrid.sims, hybrid.captions.images, hybrid.captions.captions, hybrid.captions.caption_image, REPORT_EXAMPLES)
+    examples = retrieval_examples(hybrid.sims, hybrid.captions, REPORT_EXAMPLES)
     curves = {name: run_dir / "curves.png" for name, run_dir in runs.items()}
     write_report(paths["report"], metrics, curves, examples, Cache(paths["cache"]), settings_lines(options, settings, request))
     lap("report")
