@@ -165,6 +165,16 @@ def test_failed_stages_and_images_are_said_not_drawn(cache, tmp_path):
     assert result.exit_code == 1 and "truncated file" in result.output and not (tmp_path / "x.png").exists()
 
 
+def test_padded_grid_cells_cover_the_image_as_the_grid_stage_placed_it():
+    from shnet.show.view import GridNorm
+
+    # grid.resize=pad, input 128 at stride 32 (4x4 cells): a 200x150 image is resized to 128x96,
+    # top-left, so 4x3 cells are valid, each 32 input pixels = 50 image pixels
+    assert GridNorm(np.ones((3, 4)), columns=4, resize="pad", input_size=128).extent(200, 150) == (200.0, 150.0)
+    assert GridNorm(np.ones((2, 4)), columns=4, resize="pad", input_size=128).extent(200, 90) == (200.0, 100.0)
+    assert GridNorm(np.ones((4, 4)), columns=4, resize="stretch", input_size=128).extent(200, 90) == (200.0, 90.0)
+
+
 def test_token_shares_follow_the_ranks():
     from shnet.trainer.gpo import GPO
 
