@@ -73,6 +73,8 @@ def test_shards_record_model_and_selection(regions_cache):
     assert "random-init" in attrs["model"] and attrs["weights_sha256"] == "random-init"
     assert attrs["selection"] == "caffe" and attrs["num_boxes"] == K and attrs["conf_threshold"] == 0.2
     assert attrs["nms_iou"] == 0.3 and attrs["convention"] == "caffe"
+    objects, attributes = json.loads(attrs["object_names"]), json.loads(attrs["attribute_names"])
+    assert (len(objects), len(attributes)) == (1600, 400) and objects[:2] == ["yolk", "goal"]
 
 
 def test_rerun_does_nothing_and_verify_is_clean(regions_cache, mixed_dir):

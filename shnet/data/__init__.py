@@ -30,3 +30,11 @@ def coco_panoptic_categories() -> tuple[Category, ...]:
     index of every stored map and of the 3SHNet inputs (``seg_feat``, ``seg_map``, ``cat_onehot``)."""
     raw = json.loads(resources.files(__name__).joinpath("coco_panoptic_categories.json").read_text())
     return tuple(Category(index=i, id=int(c["id"]), name=str(c["name"]), is_thing=bool(c["isthing"])) for i, c in enumerate(raw))
+
+
+@functools.cache
+def visual_genome_vocabulary() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The bottom-up-attention model's 1600 object and 400 attribute names (Visual Genome
+    1600-400-20), in the order of stage ``regions``' ``object_class`` / ``attr_class`` indices."""
+    raw = json.loads(resources.files(__name__).joinpath("visual_genome_vocabulary.json").read_text())
+    return tuple(raw["objects"]), tuple(raw["attributes"])

@@ -129,8 +129,11 @@ class RegionsStage(ImageStage):
         }
 
     def attrs(self, config, model):
+        from ...data import visual_genome_vocabulary
+
         report = model.report
         random_init = config["weights"] == "random"
+        objects, attributes = visual_genome_vocabulary()
         return {
             "model": f"bottom-up-attention Faster R-CNN R-{config['depth']} ({config['backend']}, "
             + ("random-init)" if random_init else f"{model.detector.convention.name} convention)"),
@@ -147,6 +150,8 @@ class RegionsStage(ImageStage):
             "missing_keys": list(report.missing) if report else [],
             "unexpected_keys": list(report.unexpected) if report else [],
             "bn_stats_defaulted": report.bn_stats_defaulted if report else 0,
+            "object_names": list(objects),
+            "attribute_names": list(attributes),
             "warnings": (["random-init weights: the features carry no meaning"] if random_init else [])
             + (report.warnings if report else []),
         }
