@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import shnet.pipeline.models  # noqa: F401 - registers the torchvision CPU operators
 from shnet.errors import CheckpointMismatchError, ShnetError
@@ -103,10 +104,11 @@ def saved_detectors(tmp_path_factory):
             key = key.replace(f"box_predictor.{ours}.", f"box_predictor.{theirs}.")
         renamed[key] = value
     torch.save({"model": renamed}, folder / "caffe.pth")
+    save_file({k: v.contiguous() for k, v in d2.state_dict().items()}, str(folder / "d2.safetensors"))
     return folder, d2, caffe
 
 
-@pytest.mark.parametrize("name, index", [("d2.pkl", 1), ("caffe.pth", 2)])
+@pytest.mark.parametrize("name, index", [("d2.pkl", 1), ("caffe.pth", 2), ("d2.safetensors", 1)])
 def test_saved_detector_round_trip(saved_detectors, name, index):
     folder, *models = saved_detectors
     original = models[index - 1]
