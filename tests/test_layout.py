@@ -212,3 +212,21 @@ def test_layout_options_and_missing_model_are_refused_before_anything_runs(photo
     result = CliRunner().invoke(main, ["extract", str(photo_dir), "-o", str(tmp_path / "c"), "--stages", "layout", *coco, "--set", "layout.seg_feat=mean"])
     assert result.exit_code == 1 and "layout.seg_feat must be one of area, probs (got 'mean')" in result.output
     assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.slow
+def test_one_extract_runs_regions_saliency_panoptic_and_layout_in_order(photo_dir, annotated, tmp_path):
+    """The real regions stage (random-initialised, small) in the same run: layout waits for it and
+    describes exactly its boxes."""
+    json_path, _ = annotated
+    cache = tmp_path / "cache"
+    extract(photo_dir, "-o", cache, "--stages", "layout,regions,saliency", "--set", "panoptic.backend=coco", "--set", f"panoptic.annotations={json_path}",
+            "--set", "regions.weights=random", "--set", "regions.depth=50", "--set", "regions.min_size=96", "--set", "regions.max_size=160",
+            "--set", "regions.post_nms_topk=12", "--set", "regions.num_boxes=6", "--set", "saliency.resolution=32", "--workers", 2)
+    with h5py.File(cache / "layout" / "00000.h5") as h5, h5py.File(cache / "regions" / "00000.h5") as reg:
+        assert h5["region_class_hist"].shape[1:] == (6, 133) and "region_saliency" in h5
+        for row in range(len(reg["num_boxes"])):
+            n = int(reg["num_boxes"][row])
+            hw = tuple(int(v) for v in reg["image_hw"][row])
+            np.testing.assert_allclose(h5["region_geometry"][row, :n], segmaps.box_geometry(reg["boxes"][row, :n], hw), rtol=1e-6)
+            assert not h5["region_geometry"][row, n:].any()
