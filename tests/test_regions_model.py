@@ -296,3 +296,14 @@ def test_given_boxes_are_pooled_as_given(tiny_detector, single_torch_thread):
     np.testing.assert_array_equal(regions.boxes, image.given_boxes)
     assert regions.features.shape == (3, 2048) and np.isfinite(regions.features).all()
     assert regions.object_class.shape == (3,) and (regions.object_class < 1600).all() and (regions.attr_class < 400).all()
+
+
+def test_d2_selection_gives_regressed_boxes_in_original_pixels(tiny_detector, single_torch_thread):
+    import contextlib
+
+    image = preprocess((np.random.default_rng(3).random((60, 80, 3)) * 255).astype(np.uint8), 48, 64)
+    options = SelectionOptions("d2", 3, 3, 0.0, 0.5, 6000, 4, 0.7)
+    regions = extract_regions(tiny_detector, [image], options, contextlib.nullcontext())[0]
+    assert regions.boxes.shape == (3, 4) and regions.features.shape == (3, 2048)
+    assert (regions.boxes >= 0).all() and (regions.boxes[:, [0, 2]] <= 80).all() and (regions.boxes[:, [1, 3]] <= 60).all()
+    assert (np.diff(regions.object_score) <= 0).all()  # detections best first

@@ -47,7 +47,7 @@ def extract_regions(model: BUTDDetector, prepared: list[PreparedImage], options:
         if prepared[0].given_boxes is not None:
             return [_given(pred, p) for pred, p in zip(predictions, prepared)]
         choose = _caffe if options.selection == "caffe" else _d2
-        return [choose(pred, b, p, options, model.convention.plus_one) for pred, b, p in zip(predictions, boxes, prepared)]
+        return [choose(pred, b, p, options) for pred, b, p in zip(predictions, boxes, prepared)]
 
 
 def _regions(pred, index, boxes, object_class, object_score) -> ImageRegions:
@@ -62,18 +62,20 @@ def _regions(pred, index, boxes, object_class, object_score) -> ImageRegions:
     )
 
 
-def _caffe(pred, proposals, image: PreparedImage, options: SelectionOptions, plus_one: bool) -> ImageRegions:
-    """Boxes = the kept proposals divided by the image scale; NMS on those, as the extractor does."""
+def _caffe(pred, proposals, image: PreparedImage, options: SelectionOptions) -> ImageRegions:
+    """Boxes = the kept proposals divided by the image scale; NMS on those with Caffe's pixel-inclusive
+    overlap, as the extractor does whichever checkpoint produced the proposals."""
     original = proposals.float() / image.scale
-    max_conf = max_class_confidence(original, pred.object_probs, options.nms_iou, plus_one)
+    max_conf = max_class_confidence(original, pred.object_probs, options.nms_iou, plus_one=True)
     keep = caffe_keep(max_conf, options.conf_threshold, options.min_boxes, options.max_boxes)
     object_score, object_class = pred.object_probs[keep].max(dim=1)
     return _regions(pred, keep, original[keep], object_class, object_score)
 
 
-def _d2(pred, proposals, image: PreparedImage, options: SelectionOptions, plus_one: bool) -> ImageRegions:
-    """Boxes = the detections' regressed boxes, rescaled per axis to the original image and clipped."""
-    found = d2_detections(pred.class_boxes, pred.object_probs, options.conf_threshold, options.max_boxes, options.nms_iou, plus_one)
+def _d2(pred, proposals, image: PreparedImage, options: SelectionOptions) -> ImageRegions:
+    """Boxes = the detections' regressed boxes, rescaled per axis to the original image and clipped;
+    detectron2's NMS (no +1), whichever checkpoint produced them."""
+    found = d2_detections(pred.class_boxes, pred.object_probs, options.conf_threshold, options.max_boxes, options.nms_iou, plus_one=False)
     (height, width), (resized_h, resized_w) = image.original_hw, image.resized_hw
     scale = found.boxes.new_tensor([width / resized_w, height / resized_h, width / resized_w, height / resized_h])
     boxes = box_coder.clip(found.boxes * scale, height, width, plus_one=False)
