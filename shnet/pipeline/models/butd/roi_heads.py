@@ -18,6 +18,7 @@ from .backbone import visual_genome_res5
 from .conventions import NUM_ATTRIBUTES, NUM_OBJECTS, Convention
 
 POOLER_RESOLUTION = 14
+ROI_CHUNK = 512
 FEATURE_DIM = 2048
 CLASS_EMBEDDING = 256
 ATTRIBUTE_HIDDEN = 512
@@ -48,11 +49,14 @@ class Res5ROIHeads(nn.Module):
         self.box_predictor = BoxPredictor(convention)
 
     def pooled_features(self, features: torch.Tensor, boxes: list[torch.Tensor]) -> torch.Tensor:
-        """Mean-pooled res5 output [sum(R_i), 2048] of every box (resized-image coordinates), all
-        images' boxes through res5 in one call."""
+        """Mean-pooled res5 output [sum(R_i), 2048] of every box (resized-image coordinates): the
+        boxes of all images of the batch go through res5 together, ``ROI_CHUNK`` at a time (a 14x14x2048
+        map per box: 300 boxes x 8 images at once would hold gigabytes per layer)."""
         rois = torch.cat(
             [torch.cat([torch.full((len(b), 1), i, dtype=b.dtype, device=b.device), b], dim=1) for i, b in enumerate(boxes)]
         )
         # pooled in fp32: fp16 box coordinates would move RoIPool's rounded bins on large images
         pooled = torchvision.ops.roi_pool(features.float(), rois.float(), POOLER_RESOLUTION, self.spatial_scale)
-        return self.res5(pooled).mean(dim=(2, 3))
+        if len(pooled) == 0:
+            return self.res5(pooled).mean(dim=(2, 3))
+        return torch.cat([self.res5(chunk).mean(dim=(2, 3)) for chunk in pooled.split(ROI_CHUNK)])
