@@ -56,7 +56,8 @@ class Res5ROIHeads(nn.Module):
             [torch.cat([torch.full((len(b), 1), i, dtype=b.dtype, device=b.device), b], dim=1) for i, b in enumerate(boxes)]
         )
         # pooled in fp32: fp16 box coordinates would move RoIPool's rounded bins on large images
-        pooled = torchvision.ops.roi_pool(features.float(), rois.float(), POOLER_RESOLUTION, self.spatial_scale)
-        if len(pooled) == 0:
-            return self.res5(pooled).mean(dim=(2, 3))
-        return torch.cat([self.res5(chunk).mean(dim=(2, 3)) for chunk in pooled.split(ROI_CHUNK)])
+        features, rois = features.float(), rois.float()
+        chunks = rois.split(ROI_CHUNK) if len(rois) else (rois,)
+        return torch.cat(
+            [self.res5(torchvision.ops.roi_pool(features, chunk, POOLER_RESOLUTION, self.spatial_scale)).mean(dim=(2, 3)) for chunk in chunks]
+        )
