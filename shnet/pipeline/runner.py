@@ -348,7 +348,7 @@ def dask_client(request: ExtractRequest, num_tasks: int):
         n_workers=n_workers,
         threads_per_worker=threads,
         processes=True,
-        dashboard_address=None,
+        dashboard_address="127.0.0.1:0",  # None still starts one on 8787 (with a warning when taken)
         silence_logs=logging.ERROR,
         resources={"GPU": 1} if request.device == "cuda" else None,
     )

@@ -30,6 +30,7 @@ def setup_process(torch_threads: int, device: str, worker_name=None) -> str:
 
     from ..torchvision_compat import ensure_torchvision
 
+    _keep_large_allocations_in_the_heap()
     torch.set_num_threads(max(1, int(torch_threads)))
     cv2.setNumThreads(1)
     ensure_torchvision()
@@ -39,6 +40,23 @@ def setup_process(torch_threads: int, device: str, worker_name=None) -> str:
         device = f"cuda:{index}"
     _WORKER_DEVICE["cuda"] = device
     return device
+
+
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD_BYTES = 32 << 20
+
+
+def _keep_large_allocations_in_the_heap() -> None:
+    """Dask starts workers with MALLOC_TRIM_THRESHOLD_ set, which freezes glibc's mmap threshold at
+    128 KiB: every large tensor then becomes a fresh mmap and munmap, which made the detector 1.3-1.7x
+    slower inside a worker than in a plain process. Raising the threshold restores plain-process speed."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if sys.platform.startswith("linux") and name:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(name).mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
 
 
 class WorkerSetup(WorkerPlugin):
