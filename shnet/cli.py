@@ -2,16 +2,68 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import sys
+from importlib import import_module, util
 
 import click
 
 from .errors import ShnetError
 
 
+# Commands defined in other modules, imported only when run or asked for their own help, so that
+# `shnet --help` and the light commands never pay for torch, transformers or dask.distributed.
+LAZY_COMMANDS = {
+    "train": "shnet.trainer.cli:train_command",
+    "evaluate": "shnet.trainer.cli:evaluate_command",
+    "import": "shnet.commands.npy_sets:import_command",
+    "export": "shnet.commands.npy_sets:export_command",
+    "encode": "shnet.retrieval.cli:encode_command",
+    "search": "shnet.retrieval.cli:search_command",
+    "show": "shnet.show.cli:show_command",
+    "demo": "shnet.demo.cli:demo_command",
+}
+
+
+def lazy_short_help(target: str, limit: int = 45) -> str:
+    """A lazy command's one-line help, read from its function's docstring in the module's source
+    (parsed, not imported); Click shortens it exactly as it does a loaded command's help."""
+    module, attr = target.split(":")
+    source = util.find_spec(module).origin
+    tree = ast.parse(open(source, encoding="utf-8").read(), source)
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name == attr:
+            return click.Command(attr, help=ast.get_docstring(node)).get_short_help_str(limit)
+    return load_command(target).get_short_help_str(limit)
+
+
+def load_command(target: str) -> click.Command:
+    module, attr = target.split(":")
+    return getattr(import_module(module), attr)
+
+
 class ShnetGroup(click.Group):
-    """Prints a :class:`ShnetError` as one message on stderr and exits 1, without a traceback."""
+    """Loads the commands of :data:`LAZY_COMMANDS` on first use, and prints a :class:`ShnetError` as
+    one message on stderr (exit 1), without a traceback."""
+
+    def list_commands(self, ctx):
+        return sorted(set(super().list_commands(ctx)) | set(LAZY_COMMANDS))
+
+    def get_command(self, ctx, cmd_name):
+        if cmd_name in LAZY_COMMANDS and cmd_name not in self.commands:
+            self.add_command(load_command(LAZY_COMMANDS[cmd_name]), cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+    def format_commands(self, ctx, formatter):
+        limit = formatter.width - 6 - max(len(name) for name in self.list_commands(ctx))
+        rows = [
+            (name, self.commands[name].get_short_help_str(limit) if name in self.commands else lazy_short_help(LAZY_COMMANDS[name], limit))
+            for name in self.list_commands(ctx)
+            if name in LAZY_COMMANDS or not self.commands[name].hidden
+        ]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
 
     def invoke(self, ctx):
         try:
@@ -135,14 +187,22 @@ def inspect(cache, image_id, errors, as_json):
     )
     if overview["captions"]:
         console.print("captions: " + ", ".join(f"{split} {count}" for split, count in overview["captions"].items()))
-    table = Table(show_lines=True)
-    for column in ("stage", "shards", "ok", "errors", "arrays (per image)", "size", "config"):
-        table.add_column(column)
+    table = Table()
+    for column in ("stage", "shards", "ok", "errors", "size", "arrays (per image)"):
+        table.add_column(column, no_wrap=column != "arrays (per image)")
     for s in stages:
-        arrays = "\n".join(f"{k} {tuple(v['shape'])} {v['dtype']}" for k, v in s.arrays.items())
-        config = "\n".join(f"{k}={v}" for k, v in s.config.items())
-        table.add_row(s.name, f"{s.shards_done}/{s.shards_total}", str(s.images_ok), str(s.images_error), arrays, _human_bytes(s.bytes_on_disk), config)
+        arrays = "\n".join(f"{k} {'x'.join(map(str, v['shape'])) or 'scalar'} {v['dtype']}" for k, v in s.arrays.items())
+        table.add_row(s.name, f"{s.shards_done}/{s.shards_total}", str(s.images_ok), str(s.images_error), _human_bytes(s.bytes_on_disk), arrays)
     console.print(table)
+    for s in stages:
+        if s.config:
+            console.print(f"[bold]{s.name}[/bold]: " + "  ".join(f"{k}={_short(v)}" for k, v in s.config.items()), highlight=False)
+
+
+def _short(value) -> str:
+    """A config value for the terminal: hashes cut to 12 characters (``--json`` keeps them whole)."""
+    text = str(value)
+    return text[:12] + "..." if len(text) == 64 and all(c in "0123456789abcdef" for c in text) else text
 
 
 @main.command()
@@ -168,31 +228,3 @@ def _human_bytes(n: int) -> str:
             return f"{n:.0f} {unit}"
         n /= 1024
     return f"{n:.1f} TB"
-
-
-def _register_trainer_commands() -> None:
-    from .trainer.cli import evaluate_command, train_command
-
-    main.add_command(train_command, "train")
-    main.add_command(evaluate_command, "evaluate")
-
-
-_register_trainer_commands()
-
-from .commands.npy_sets import export_command, import_command  # noqa: E402
-
-main.add_command(import_command, "import")
-main.add_command(export_command, "export")
-
-from .retrieval.cli import encode_command, search_command  # noqa: E402
-
-main.add_command(encode_command, "encode")
-main.add_command(search_command, "search")
-
-from .show.cli import show_command  # noqa: E402
-
-main.add_command(show_command, "show")
-
-from .demo.cli import demo_command  # noqa: E402
-
-main.add_command(demo_command, "demo")

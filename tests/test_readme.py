@@ -38,11 +38,13 @@ def test_every_shnet_command_in_readme_names_real_commands_and_options():
     lines = _command_lines()
     assert any(line.startswith("shnet demo") for line in lines), "README's first command is the demo"
     checked = 0
+    context = click.Context(main)
     for line in lines:
         words = shlex.split(line.replace("\\", ""))
         name = words[1]
-        assert name in main.commands, f"README names an unknown command: {line}"
-        known = _options(main.commands[name]) | {"--help", "-h"}
+        command = main.get_command(context, name)
+        assert command is not None, f"README names an unknown command: {line}"
+        known = _options(command) | {"--help", "-h"}
         for word in words[2:]:
             if word.startswith("-") and not re.fullmatch(r"-?\d+(\.\d+)?", word):
                 assert word.split("=")[0] in known, f"README uses {word} which `shnet {name}` does not take: {line}"

@@ -229,3 +229,14 @@ def test_ann_recall_at_10_vs_exact_on_100k_vectors(tmp_path):
     _, exact = exact_top_k(fresh, store.chunks("images"), 10, torch.device("cpu"))
     _, approximate = ann_top_k(store, fresh, 10)
     assert recall_at(approximate, exact) >= 0.95
+
+
+def test_encode_takes_the_captions_a_cache_holds(trained, tmp_path):
+    from shnet.cache.captions import write_cache_captions
+
+    captions = write_concept_cache(tmp_path / "held", {"test": 12}, feature_dim=16, num_boxes=6, seed=5)
+    write_cache_captions(Cache(tmp_path / "held"), captions)
+    report = encode(EncodeRequest(str(trained / "run"), [str(tmp_path / "held")], str(tmp_path / "emb"), shard_size=10), log=lambda m: None)
+    assert report.totals == {"images": 12, "captions": len(captions)} and len(captions) == 60
+    stored = pd.read_parquet(tmp_path / "emb" / "captions")
+    assert list(stored["caption"]) == list(captions["caption"])

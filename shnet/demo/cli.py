@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .run import DEFAULT_EPOCHS, DEFAULT_IMAGES, DemoOptions, run_demo, summary
+from .options import DEFAULT_EPOCHS, DEFAULT_IMAGES, DemoOptions
 
 
 def _log(message: str) -> None:
@@ -41,6 +41,8 @@ def _show_extract(report) -> None:
 def demo_command(output, images, epochs, seed, workers, progress) -> None:
     """Synthetic captioned scenes -> every extraction stage -> region, grid and hybrid models trained and
     evaluated, with metrics.json and a self-contained report.html in OUTPUT; a re-run resumes."""
+    from .run import run_demo, summary
+
     options = DemoOptions(output=output, images=images, epochs=epochs, seed=seed, workers=workers, progress=progress)
     result = run_demo(options, log=_log, show_extract=_show_extract)
     click.echo(summary(result))

@@ -29,12 +29,11 @@ from ..trainer.evaluate import EvalRequest, Evaluation, evaluate_checkpoints
 from ..trainer.train import LAST, TrainOptions, train
 from .dataset import DatasetFiles, DatasetSettings, generate_dataset
 from .metrics_table import MODELS, chance_metrics, format_table
+from .options import DemoOptions
 from .report import retrieval_examples, write_report
 from .scenes import CAPTIONS_PER_SCENE
 
 PROFILE = "demo"  # shnet/manifests/profiles/demo.yaml
-DEFAULT_IMAGES = 300
-DEFAULT_EPOCHS = 2
 LEVELS = ("region", "grid")  # the trained runs (named after their level)
 REPORT_EXAMPLES = 6
 MAX_SHARDS = 4  # shards per stage: enough to keep the embedded cluster's workers busy
@@ -54,16 +53,6 @@ TRAIN_RECIPE = dict(
     in_memory=True,
     val_images=0,
 )
-
-
-@dataclass
-class DemoOptions:
-    output: str = "shnet-demo"
-    images: int = DEFAULT_IMAGES
-    epochs: int = DEFAULT_EPOCHS
-    seed: int = 0
-    workers: int | None = None  # extraction workers (default: the embedded cluster's)
-    progress: bool = True
 
 
 @dataclass

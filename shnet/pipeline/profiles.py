@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from importlib import resources
 from pathlib import Path
 from typing import Iterable
@@ -10,26 +11,41 @@ import yaml
 
 from ..errors import ShnetError
 
+YAML_SUFFIXES = (".yaml", ".yml")
+
 
 def profile_names() -> list[str]:
     folder = resources.files("shnet.manifests").joinpath("profiles")
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
+def is_profile_name(name_or_file: str) -> bool:
+    """A bare name (no path separator, no YAML suffix) always means a shipped profile, whatever the
+    working folder holds; anything else is a file path."""
+    separators = {"/", os.sep, os.altsep} - {None}
+    return not any(sep in name_or_file for sep in separators) and Path(name_or_file).suffix not in YAML_SUFFIXES
+
+
 def load_profile(name_or_file: str) -> dict:
-    """A profile by name (shipped in shnet/manifests/profiles) or from a YAML file path."""
-    path = Path(name_or_file).expanduser()
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
-            raise ShnetError(f"profile file not found: {path}")
-        text = path.read_text()
-        source = str(path)
-    else:
+    """A shipped profile by bare name (``shnet/manifests/profiles/NAME.yaml``) or a YAML file by path."""
+    if is_profile_name(name_or_file):
         shipped = resources.files("shnet.manifests").joinpath("profiles", f"{name_or_file}.yaml")
         if not shipped.is_file():
-            raise ShnetError(f"unknown profile '{name_or_file}'; shipped profiles: {', '.join(profile_names())}, or give a YAML file path")
+            raise ShnetError(
+                f"unknown profile '{name_or_file}': no shipped profile has that name "
+                f"(shipped: {', '.join(profile_names())}); for a file of your own give its path, e.g. ./{name_or_file}.yaml"
+            )
         text = shipped.read_text()
         source = f"profile '{name_or_file}'"
+    else:
+        path = Path(name_or_file).expanduser()
+        if not path.is_file():
+            raise ShnetError(
+                f"profile file not found: {path} (a path was given; shipped profiles are named without a path or suffix: "
+                f"{', '.join(profile_names())})"
+            )
+        text = path.read_text()
+        source = str(path)
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:

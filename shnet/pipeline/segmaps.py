@@ -188,8 +188,6 @@ def segments_from_id_map(segment_ids: np.ndarray, segment_classes: dict[int, int
     segment has ``segment``, ``category``, ``area`` and ``bbox`` (x, y, w, h) in full-resolution pixels;
     segments with no pixel or a void class are left out.
     """
-    from scipy import ndimage
-
     segment_ids = np.asarray(segment_ids, dtype=np.int64)
     kept = {sid: cls for sid, cls in segment_classes.items() if cls != VOID and sid > 0}
     labels = np.zeros(segment_ids.shape, dtype=np.int32)
@@ -204,20 +202,31 @@ def segments_from_id_map(segment_ids: np.ndarray, segment_classes: dict[int, int
         class_lut[1:] = [kept[sid] for sid in order]
     class_map = class_lut[labels]
     areas = np.bincount(labels.ravel(), minlength=len(order) + 1)
-    segments = []
-    for label, found in enumerate(ndimage.find_objects(labels, max_label=len(order)), start=1):
-        if found is None:
-            continue
-        ys, xs = found
-        segments.append(
-            {
-                "segment": int(order[label - 1]),
-                "category": int(class_lut[label]),
-                "area": int(areas[label]),
-                "bbox": (int(xs.start), int(ys.start), int(xs.stop - xs.start), int(ys.stop - ys.start)),
-            }
-        )
+    x0, y0, x1, y1 = label_bounding_boxes(labels, len(order))
+    segments = [
+        {
+            "segment": int(order[label - 1]),
+            "category": int(class_lut[label]),
+            "area": int(areas[label]),
+            "bbox": (int(x0[label]), int(y0[label]), int(x1[label] - x0[label]), int(y1[label] - y0[label])),
+        }
+        for label in range(1, len(order) + 1)
+        if areas[label]
+    ]
     return class_map, segments
+
+
+def label_bounding_boxes(labels: np.ndarray, num_labels: int) -> tuple[np.ndarray, ...]:
+    """Per label 0..num_labels of a 2-D label map: (x0, y0, x1, y1), the half-open extent of its
+    pixels (undefined for a label without pixels). One pass over row and column projections."""
+    present_rows = np.zeros((num_labels + 1, labels.shape[0]), dtype=bool)
+    present_cols = np.zeros((num_labels + 1, labels.shape[1]), dtype=bool)
+    rows, cols = np.indices(labels.shape, sparse=True)
+    present_rows[labels, rows] = True
+    present_cols[labels, cols] = True
+    y0, y1 = present_rows.argmax(1), labels.shape[0] - present_rows[:, ::-1].argmax(1)
+    x0, x1 = present_cols.argmax(1), labels.shape[1] - present_cols[:, ::-1].argmax(1)
+    return x0, y0, x1, y1
 
 
 def category_names() -> list[str]:

@@ -18,7 +18,7 @@ def _log(message: str) -> None:
 @click.argument("run", type=click.Path(exists=True))
 @click.option("--cache", "caches", multiple=True, required=True, type=click.Path(file_okay=False), help="Feature cache (repeatable; joined on image_id).")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Embedding store directory (created if new, resumed if not).")
-@click.option("--captions", type=click.Path(dir_okay=False), help="Also encode these captions (Karpathy JSON, or CSV/Parquet image_id, caption, split).")
+@click.option("--captions", type=click.Path(dir_okay=False), help="Also encode these captions (Karpathy JSON, or CSV/Parquet image_id, caption, split; default: the captions a cache holds, if one does).")
 @click.option("--split", help="Encode the captions of this split only (default: every split).")
 @click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True, help="Stored embedding precision.")
 @click.option("--batch-size", type=int, default=256, show_default=True)

@@ -23,6 +23,7 @@ from ..cache import Cache
 from ..cache.store import image_list_digest
 from ..checkpoints import file_sha256
 from ..errors import ShnetError
+from ..cache.captions import stored_captions
 from ..trainer.captions import CaptionSet, match_images, read_captions
 from ..trainer.checkpoint import LoadedModel, load_model
 from ..trainer.data import FeatureIndex, caption_loader, image_loader
@@ -39,7 +40,7 @@ class EncodeRequest:
     run: str
     caches: Sequence[str]
     output: str
-    captions: str | None = None
+    captions: str | None = None  # None: the captions a cache holds (an imported cache), if any
     split: str | None = None  # captions of one split only (default: every split)
     dtype: str = "float32"
     batch_size: int = 256
@@ -222,11 +223,12 @@ def encode(request: EncodeRequest, log: Callable[[str], None] = print) -> Encode
         record["images"] = images_entry
 
         captions = None
-        if request.captions:
-            captions = caption_rows(request.captions, request.split, index.image_ids)
+        captions_file = request.captions or stored_captions(request.caches)
+        if captions_file:
+            captions = caption_rows(captions_file, request.split, index.image_ids)
             captions_entry = {
-                "file": str(Path(request.captions).expanduser().resolve()),
-                "sha256": file_sha256(Path(request.captions).expanduser()),
+                "file": str(Path(captions_file).expanduser().resolve()),
+                "sha256": file_sha256(Path(captions_file).expanduser()),
                 "split": request.split,
                 "rows": len(captions),
                 "shard_size": request.shard_size,

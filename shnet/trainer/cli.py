@@ -9,11 +9,8 @@ import click
 from click.core import ParameterSource
 
 from ..errors import ShnetError
-from .evaluate import EvalRequest, evaluate_checkpoints, format_table, load_similarities, results_json, save_similarities
-from .image_encoder import SEG_MAP_MODES
-from .metrics import PROTOCOLS, protocol_metrics
-from .model import LEVELS, TEXT_ENCODERS
-from .train import TrainOptions, train
+from .metrics import PROTOCOLS
+from .options import LEVELS, SEG_MAP_MODES, TEXT_ENCODERS, TrainOptions
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainOptions) if f.default is not dataclasses.MISSING}
 
@@ -85,6 +82,8 @@ def _log(message: str) -> None:
 @click.pass_context
 def train_command(ctx: click.Context, resume: bool, **params) -> None:
     """Train a 3SHNet model on cached features (the paper's recipe unless told otherwise)."""
+    from .train import train
+
     explicit = {name for name in params if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
     params["caches"] = [str(c) for c in params["caches"]]
     if not resume and not params["caches"]:
@@ -123,6 +122,9 @@ def evaluate_command(
 ) -> None:
     """Retrieval metrics of RUN_OR_CHECKPOINT (a run directory means its best.pth), of an --ensemble of
     runs, or of saved --sims matrices: R@1/5/10 both ways, medr, meanr, rSum."""
+    from .evaluate import EvalRequest, evaluate_checkpoints, format_table, load_similarities, results_json, save_similarities
+    from .metrics import protocol_metrics
+
     if sims and ensemble:
         raise ShnetError("--sims and --ensemble exclude each other (several --sims files are averaged anyway)")
     if sims:

@@ -26,12 +26,12 @@ from torch import nn
 
 from ..errors import ShnetError
 from .gpo import GPO, l2norm, length_mask, positional_encoding_1d
+from .options import SEG_MAP_MODES
 
 SEG_MAP_SIZE = 64
 SEG_FEAT_SIZE = 7
 SPATIAL_DIM = 128
 SPATIAL_ATTENTION_SCALE = 4.0  # the reference's lambda_softmax
-SEG_MAP_MODES = ("raw", "normalised")
 _SEG_MAP_SCALE, _SEG_MAP_MEAN, _SEG_MAP_STD = 133.0, 0.3342, 0.0621
 
 

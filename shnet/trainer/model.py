@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from ..errors import ShnetError
-from .image_encoder import SEG_MAP_MODES, ImageEncoder
+from .image_encoder import ImageEncoder
+from .options import LEVELS, SEG_MAP_MODES, TEXT_ENCODERS
 from .text_encoders import (
     BertTextEncoder,
     BiGRUTextEncoder,
@@ -18,8 +19,6 @@ from .text_encoders import (
     build_bert,
 )
 
-LEVELS = ("region", "grid")
-TEXT_ENCODERS = ("bigru", "bert")
 IMAGE_INPUTS = ("regions", "lengths", "seg_map", "cat_onehot", "seg_feat")
 
 
