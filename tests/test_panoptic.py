@@ -121,9 +121,12 @@ def test_an_image_where_nothing_is_found_gets_an_all_void_map(model_dir, photo_d
     rgb = decode_image(str(next(photo_dir.rglob("*.jpg"))))
     options = {**stage_options(model_dir), "threshold": 1.0}  # no softmax score is above 1
     (result,) = infer(bundle, [preprocess(rgb, bundle)], options, "cpu")
-    out = stage_output([result], 96)
+    out = stage_output([result], 96, "opencv")
     assert result.segments == [] and (out.arrays["class_map"] == VOID).all() and out.scalars["num_segments"][0] == 0
     assert out.arrays["probs"].max() > 0  # the probability volume does not depend on the threshold
+    h, w = out.arrays["map_hw"][0]
+    semantic = out.arrays["semantic_map"][0]
+    assert (semantic[:h, :w] != VOID).all() and (semantic[h:] == VOID).all() and (semantic[:, w:] == VOID).all()
 
 
 def test_oneformer_folder_runs_offline_with_its_tokenizer_and_is_refused_without(photo_dir, tmp_path):
@@ -220,7 +223,8 @@ def test_coco_annotations_become_the_stage_output(photo_dir, tmp_path):
             for sid, cid in made_segments:
                 full[ids == sid] = index[cid]
             h, w = h5["map_hw"][entry["row"]]
-            np.testing.assert_array_equal(h5["class_map"][entry["row"], :h, :w], segmaps.downsample_for_storage(full, 320))
+            np.testing.assert_array_equal(h5["class_map"][entry["row"], :h, :w], segmaps.downsample_for_storage(full, 320, "opencv"))
+            assert (h5["semantic_map"][entry["row"]] == VOID).all()  # annotations carry no probabilities
             mine = segments[segments["image_id"] == image_id].set_index("segment")
             for sid, cid in made_segments:
                 ys, xs = np.nonzero(ids == sid)

@@ -1,19 +1,23 @@
 """Pure computations on panoptic class maps: the stored map's sampling and the 3SHNet layout inputs.
 
-Class maps hold a COCO panoptic class index (0..132) per pixel and ``VOID`` (255) where no segment is.
+Class maps hold a class index (0..132) per pixel and ``VOID`` (255) where no segment is.
 
 How ``seg_map`` stays exact although the layout stage never sees the full-resolution map
 --------------------------------------------------------------------------------------------
-3SHNet's ``seg_map`` is the full-resolution class map resized to 64x64 by nearest neighbour. We use
-the pixel-centre convention (PIL's NEAREST, torch's ``nearest-exact``): output index ``j`` of ``n``
-reads source index ``floor((j + 0.5) * size / n)``.
+3SHNet's ``seg_map`` is the full-resolution class map resized to 64x64 by nearest neighbour. The
+only published code that builds it (3SHNet's early loader) calls
+``cv2.resize(map, None, fx=64/w, fy=64/h, interpolation=cv2.INTER_NEAREST)``, whose output index
+``j`` reads source index ``floor(j * (1 / (64 / w)))`` in double precision (the top-left convention;
+with the float rounding it is not always the exact ``j * w // 64``). That is the default sampling,
+``opencv``; ``centre`` reads ``floor((j + 0.5) * w / 64)`` (PIL's NEAREST, OpenCV's
+INTER_NEAREST_EXACT), the convention of caches made before.
 
 The panoptic stage stores the map at a smaller resolution (longer side ``resolution``), also by
 nearest neighbour, but it chooses its sample positions so that the 64-point grid is embedded in
 them: along each axis, stored index ``k`` reads the full-resolution index at the centre of its
-footprint, except the 64 stored indices ``k_j = floor((j + 0.5) * stored / 64)``, which read exactly
-the full-resolution index the 64x64 resize reads for ``j`` (that index lies in the same footprint, up
-to rounding, so the stored map is still a nearest-neighbour down-sampling). The layout stage then
+footprint, except 64 stored indices ``k_j`` (``embedded_positions``), which read exactly the
+full-resolution index the 64x64 resize reads for ``j`` (that index lies in the footprint of ``k_j``,
+up to rounding, so the stored map is still a nearest-neighbour down-sampling). The layout stage then
 takes rows ``k_j`` and columns ``k_j`` of the stored map and gets, bit for bit, the 64x64 nearest-
 neighbour resize of the full-resolution map. This needs at least 64 stored samples per axis: the
 stored side is never below 64 (or below the full side, when that is smaller, in which case the map
@@ -44,17 +48,48 @@ class PanopticResult:
 
     ``class_map``: full-resolution [H,W] uint8 class indices (VOID where no segment);
     ``segments``: dicts with segment, category, area, bbox (x,y,w,h), score (full resolution);
-    ``probs``: [133,7,7] pooled class probabilities (zeros when the backend has none).
+    ``probs``: [133,7,7] pooled class probabilities (zeros when the backend has none);
+    ``class_probs``: [133,h,w] per-pixel class probabilities over the whole image at the backend's
+    own resolution, or None when the backend has none (annotations, detectron2).
     """
 
     class_map: np.ndarray
     segments: list
     probs: np.ndarray
+    class_probs: np.ndarray | None = None
+
+
+SAMPLINGS = ("opencv", "centre")  # how seg_map samples the full-resolution map (see above)
+CLASS_ORDERS = ("coco", "upsnet")  # COCO panoptic (things first) or UPSNet (stuff first)
 
 
 def nearest_indices(source: int, target: int) -> np.ndarray:
     """Source index read by each of ``target`` outputs (pixel-centre nearest neighbour)."""
     return ((2 * np.arange(target, dtype=np.int64) + 1) * source) // (2 * target)
+
+
+def opencv_nearest_indices(source: int, target: int) -> np.ndarray:
+    """Source index read by each of ``target`` outputs of ``cv2.resize(..., fx=target/source,
+    interpolation=cv2.INTER_NEAREST)``: ``floor(j * (1 / fx))`` with OpenCV's double arithmetic."""
+    step = 1.0 / (target / source)
+    return np.minimum(np.floor(np.arange(target, dtype=np.float64) * step).astype(np.int64), source - 1)
+
+
+def seg_map_indices(source: int, sampling: str) -> np.ndarray:
+    """The ``SEG_MAP_SIZE`` source indices the 64x64 ``seg_map`` reads along an axis of ``source``."""
+    if sampling == "opencv":
+        return opencv_nearest_indices(source, SEG_MAP_SIZE)
+    if sampling == "centre":
+        return nearest_indices(source, SEG_MAP_SIZE)
+    raise ValueError(f"seg_map sampling must be one of {SAMPLINGS}, got {sampling!r}")
+
+
+def embedded_positions(stored: int, sampling: str) -> np.ndarray:
+    """The stored indices (strictly increasing) that hold the 64 ``seg_map`` samples: the stored index
+    whose footprint contains the full-resolution position each sample reads."""
+    if sampling == "opencv":
+        return (np.arange(SEG_MAP_SIZE, dtype=np.int64) * stored) // SEG_MAP_SIZE
+    return seg_map_indices(stored, sampling)
 
 
 def stored_side(full: int, longer: int, resolution: int) -> int:
@@ -71,24 +106,83 @@ def stored_shape(height: int, width: int, resolution: int) -> tuple[int, int]:
     return stored_side(height, longer, resolution), stored_side(width, longer, resolution)
 
 
-def stored_sample_indices(full: int, stored: int) -> np.ndarray:
+def stored_sample_indices(full: int, stored: int, sampling: str) -> np.ndarray:
     """Full-resolution index each stored index reads along one axis, the 64-point grid embedded."""
     indices = nearest_indices(full, stored)
-    indices[nearest_indices(stored, SEG_MAP_SIZE)] = nearest_indices(full, SEG_MAP_SIZE)
+    indices[embedded_positions(stored, sampling)] = seg_map_indices(full, sampling)
     return indices
 
 
-def downsample_for_storage(full_map: np.ndarray, resolution: int) -> np.ndarray:
+def downsample_for_storage(full_map: np.ndarray, resolution: int, sampling: str) -> np.ndarray:
     """The stored class map of a full-resolution class map (see the module docstring)."""
     height, width = full_map.shape
     stored_h, stored_w = stored_shape(height, width, resolution)
-    return full_map[np.ix_(stored_sample_indices(height, stored_h), stored_sample_indices(width, stored_w))]
+    return full_map[np.ix_(stored_sample_indices(height, stored_h, sampling), stored_sample_indices(width, stored_w, sampling))]
 
 
-def seg_map_from_stored(stored_map: np.ndarray) -> np.ndarray:
+def seg_map_from_stored(stored_map: np.ndarray, sampling: str) -> np.ndarray:
     """``seg_map`` [64,64]: equal to the nearest-neighbour resize of the full-resolution map."""
     height, width = stored_map.shape
-    return stored_map[np.ix_(nearest_indices(height, SEG_MAP_SIZE), nearest_indices(width, SEG_MAP_SIZE))]
+    return stored_map[np.ix_(embedded_positions(height, sampling), embedded_positions(width, sampling))]
+
+
+def stored_most_probable(class_probs: np.ndarray, full_hw: tuple[int, int], resolution: int, sampling: str) -> np.ndarray:
+    """The most probable class at each stored pixel, from a per-pixel class probability volume
+    [133, h, w] that covers the whole image at the backend's resolution: the volume is sampled
+    bilinearly (half-pixel centres, edges clamped, as ``F.interpolate(..., "bilinear")``) at the
+    full-resolution pixels the stored map reads, then the argmax over classes is taken."""
+    height, width = full_hw
+    stored_h, stored_w = stored_shape(height, width, resolution)
+    rows = bilinear_weights(class_probs.shape[1], height, stored_sample_indices(height, stored_h, sampling))
+    cols = bilinear_weights(class_probs.shape[2], width, stored_sample_indices(width, stored_w, sampling))
+    sampled = np.einsum("ry,cyx,sx->crs", rows, class_probs.astype(np.float32), cols, optimize=True)
+    return sampled.argmax(0).astype(np.uint8)
+
+
+def bilinear_weights(source: int, full: int, positions: np.ndarray) -> np.ndarray:
+    """[len(positions), source]: linear interpolation weights of an axis of ``source`` samples that
+    spans ``full`` pixels, at the centres of full-resolution pixels ``positions``."""
+    coords = np.clip((positions.astype(np.float64) + 0.5) * source / full - 0.5, 0, source - 1)
+    low = np.floor(coords).astype(np.int64)
+    high = np.minimum(low + 1, source - 1)
+    frac = coords - low
+    weights = np.zeros((len(positions), source), dtype=np.float32)
+    np.add.at(weights, (np.arange(len(positions)), low), 1 - frac)
+    np.add.at(weights, (np.arange(len(positions)), high), frac)
+    return weights
+
+
+def fill_void(class_map: np.ndarray, most_probable: np.ndarray | None = None) -> np.ndarray:
+    """``class_map`` without void: a void pixel takes the backend's most probable class there when
+    ``most_probable`` gives one (not VOID), else the class of the nearest labelled pixel (OpenCV's
+    5x5 chamfer approximation of the Euclidean distance). A map with no labelled pixel stays void."""
+    filled = class_map.copy()
+    if most_probable is not None:
+        use = (filled == VOID) & (most_probable != VOID)
+        filled[use] = most_probable[use]
+    void = filled == VOID
+    if not void.any() or void.all():
+        return filled
+    import cv2
+
+    _, labels = cv2.distanceTransformWithLabels(void.astype(np.uint8), cv2.DIST_L2, 5, labelType=cv2.DIST_LABEL_PIXEL)
+    label_class = np.zeros(int(labels.max()) + 1, dtype=np.uint8)
+    label_class[labels[~void]] = filled[~void]
+    filled[void] = label_class[labels[void]]
+    return filled
+
+
+def class_order_lut(order: str) -> np.ndarray:
+    """[256] uint8: COCO panoptic class index (things first) -> its index in ``order``; VOID stays VOID.
+
+    ``upsnet`` is UPSNet's stuff-first order: COCO index i < 80 (thing) -> 53 + i, 80 + j (stuff) -> j."""
+    lut = np.arange(256, dtype=np.int64)
+    if order == "upsnet":
+        things = thing_flags()
+        lut[:NUM_CLASSES] = np.where(things, np.cumsum(things) - 1 + int((~things).sum()), np.cumsum(~things) - 1)
+    elif order != "coco":
+        raise ValueError(f"class order must be one of {CLASS_ORDERS}, got {order!r}")
+    return lut.astype(np.uint8)
 
 
 def pad_map(class_map: np.ndarray, resolution: int) -> np.ndarray:

@@ -168,15 +168,31 @@ def _one_image(bundle: HFPanoptic, class_logits: torch.Tensor, masks: torch.Tens
     class_map, segments = segments_from_id_map(processed["segmentation"].cpu().numpy(), classes)
     for segment in segments:
         segment["score"] = float(info[segment["segment"]]["score"])
-    return PanopticResult(class_map=class_map, segments=segments, probs=_pooled_probabilities(bundle.lut, class_logits[0], masks[0]))
+    return PanopticResult(
+        class_map=class_map,
+        segments=segments,
+        probs=_pooled_probabilities(bundle.lut, class_logits[0], masks[0]),
+        class_probs=_pixel_probabilities(bundle.lut, class_logits[0], masks[0]),
+    )
+
+
+def _pixel_probabilities(lut: np.ndarray, class_logits: torch.Tensor, masks: torch.Tensor) -> np.ndarray:
+    """[133,h,w] at the mask resolution: each query's class probabilities weighted by its mask
+    probability (transformers' semantic post-processing), model classes summed into COCO classes."""
+    class_probs = class_logits.softmax(-1)[:, :-1]
+    return _coco_classes(lut, torch.einsum("qc,qhw->chw", class_probs, masks.sigmoid()).numpy())
 
 
 def _pooled_probabilities(lut: np.ndarray, class_logits: torch.Tensor, masks: torch.Tensor) -> np.ndarray:
     """[133,7,7]: per-pixel class probabilities averaged per cell, model classes summed into COCO classes."""
     class_probs = class_logits.softmax(-1)[:, :-1]
     pooled_masks = F.adaptive_avg_pool2d(masks.sigmoid()[None], CELLS)[0]
-    model_probs = torch.einsum("qc,qhw->chw", class_probs, pooled_masks).numpy()
-    out = np.zeros((NUM_CLASSES, CELLS, CELLS), dtype=np.float32)
+    return _coco_classes(lut, torch.einsum("qc,qhw->chw", class_probs, pooled_masks).numpy())
+
+
+def _coco_classes(lut: np.ndarray, model_probs: np.ndarray) -> np.ndarray:
+    """[133, ...]: a model's per-class volume with its classes summed into the COCO classes they map to."""
+    out = np.zeros((NUM_CLASSES, *model_probs.shape[1:]), dtype=np.float32)
     known = lut[: model_probs.shape[0]] != VOID
     np.add.at(out, lut[: model_probs.shape[0]][known], model_probs[known])
     return out

@@ -1,10 +1,18 @@
 """Stage ``layout``: the 3SHNet segmentation inputs, derived from stored stages (no image is decoded).
 
 Per image, from stage ``panoptic``: ``seg_map`` [64,64] uint8 (the full-resolution class map resized
-by nearest neighbour, exactly: see :mod:`shnet.pipeline.segmaps`), ``cat_onehot`` [133] uint8 (classes
-whose segments cover more than 100 full-resolution pixels, from the segments table) and ``seg_feat``
-[133,7,7] fp16 (``layout.seg_feat``: ``area``, each 7x7 cell's class fractions of the stored map, or
-``probs``, the panoptic model's pooled class probabilities).
+by nearest neighbour, exactly, as the panoptic stage's ``seg_map_sampling`` says: see
+:mod:`shnet.pipeline.segmaps`), ``cat_onehot`` [133] uint8 (classes covering more than 100
+full-resolution pixels: the segments' areas, plus the void pixels filled with the class) and
+``seg_feat`` [133,7,7] fp16 (``layout.seg_feat``: ``area``, each 7x7 cell's class fractions of the
+stored map, or ``probs``, the panoptic model's pooled class probabilities).
+
+``layout.void``: ``fill`` (default; the published maps had no void: 3SHNet's loader indexes
+``cat_onehot`` by every pixel value) gives each void pixel the panoptic model's most probable class
+there, or the nearest labelled pixel's class where the backend has no per-pixel probabilities;
+``keep`` leaves 255. ``layout.class_order``: ``coco`` (COCO panoptic, things first) or ``upsnet``
+(stuff first, the order of UPSNet, whose maps 3SHNet says it used): class ids in ``seg_map``, the
+slots of ``cat_onehot`` and the channels of ``seg_feat`` and ``region_class_hist`` follow it.
 
 When the cache has stage ``regions``, per region box as well: ``region_class_hist`` [K,133] fp16
 (class fractions of the stored map inside the box), ``region_geometry`` [K,7] float32 (x1, y1, x2, y2,
@@ -26,13 +34,17 @@ from ...cache.store import Cache, ShardWriter
 from ...errors import ShnetError
 from ..segmaps import (
     CELLS,
+    CLASS_ORDERS,
     NUM_CLASSES,
     SEG_MAP_SIZE,
     VOID,
     box_class_histograms,
     box_geometry,
     box_mean_saliency,
+    category_names,
     cell_area_fractions,
+    class_order_lut,
+    fill_void,
     float16_at_most,
     present_classes,
     seg_map_from_stored,
@@ -40,20 +52,28 @@ from ..segmaps import (
 from .base import ArraySpec, ShardJob, Stage
 
 SEG_FEAT_SOURCES = ("area", "probs")
+VOID_HANDLING = ("fill", "keep")
+SAMPLING_BEFORE_OPTION = "centre"  # caches whose panoptic config predates panoptic.seg_map_sampling
 
 
 class LayoutStage(Stage):
     name = "layout"
     requires = ("panoptic",)
     uses = ("regions", "saliency")
-    defaults = {"seg_feat": "area"}
+    defaults = {"seg_feat": "area", "void": "fill", "class_order": "coco"}
     description = "3SHNet inputs seg_feat, seg_map, cat_onehot (+ per-region class histograms, saliency, geometry)"
 
     def resolve_config(self, options):
         config = super().resolve_config(options)
-        if config["seg_feat"] not in SEG_FEAT_SOURCES:
-            raise ShnetError(f"layout.seg_feat must be one of {', '.join(SEG_FEAT_SOURCES)} (got {config['seg_feat']!r})")
+        for key, choices in (("seg_feat", SEG_FEAT_SOURCES), ("void", VOID_HANDLING), ("class_order", CLASS_ORDERS)):
+            if config[key] not in choices:
+                raise ShnetError(f"layout.{key} must be one of {', '.join(choices)} (got {config[key]!r})")
         return config
+
+    def attrs(self, config, model):
+        names = category_names()
+        order = np.argsort(class_order_lut(config["class_order"])[:NUM_CLASSES])
+        return {"class_order": config["class_order"], "class_names": [names[i] for i in order]}
 
     def outputs(self, config, model):
         return {
@@ -95,13 +115,20 @@ class LayoutStage(Stage):
         map_h, map_w = (int(v) for v in inputs.map_hw[row])
         stored = inputs.panoptic["class_map"][row, :map_h, :map_w]
         categories, areas = inputs.segments_of(row)
+        if job.config["void"] == "fill":
+            semantic = inputs.semantic_map[row, :map_h, :map_w] if inputs.semantic_map is not None else None
+            filled = fill_void(stored, semantic)
+            categories, areas = _with_filled_areas(categories, areas, stored, filled, inputs.full_size(row))
+            stored = filled
+        lut = class_order_lut(job.config["class_order"])
+        stored, categories = lut[stored], lut[np.asarray(categories, dtype=np.int64)]
         onehot = present_classes(categories, areas)
         if job.config["seg_feat"] == "area":
             seg_feat = float16_at_most(cell_area_fractions(stored))
         else:
-            seg_feat = inputs.panoptic["probs"][row]
+            seg_feat = inputs.panoptic["probs"][row][np.argsort(lut[:NUM_CLASSES])]
         writer.write("seg_feat", row, seg_feat)
-        writer.write("seg_map", row, seg_map_from_stored(stored))
+        writer.write("seg_map", row, seg_map_from_stored(stored, inputs.sampling))
         writer.write("cat_onehot", row, onehot)
         if inputs.boxes is not None:
             self._regions(writer, inputs, row, stored)
@@ -127,6 +154,18 @@ class LayoutStage(Stage):
             writer.write("region_saliency", row, saliency)
 
 
+def _with_filled_areas(categories, areas, stored: np.ndarray, filled: np.ndarray, full_hw: tuple[int, int]):
+    """Segment classes and areas plus, per class, the full-resolution area its filled void pixels
+    stand for (each stored pixel stands for the same share of the image), for the 100-pixel rule."""
+    newly = filled[(stored == VOID) & (filled != VOID)]
+    if not newly.size:
+        return categories, areas
+    per_class = np.bincount(newly, minlength=NUM_CLASSES)[:NUM_CLASSES]
+    classes = np.nonzero(per_class)[0]
+    share = full_hw[0] * full_hw[1] / stored.size
+    return np.concatenate([categories, classes]), np.concatenate([areas, per_class[classes] * share])
+
+
 class _ShardInputs:
     """One shard of the stages layout reads: panoptic always, regions and saliency when the cache has them."""
 
@@ -134,6 +173,8 @@ class _ShardInputs:
         self.files: list[h5py.File] = []
         self.panoptic = self._open(cache, "panoptic", shard)
         self.map_hw = self.panoptic["map_hw"][:]
+        self.semantic_map = self.panoptic["semantic_map"] if "semantic_map" in self.panoptic else None
+        self.sampling = (cache.stage_config("panoptic") or {}).get("seg_map_sampling", SAMPLING_BEFORE_OPTION)
         table = pd.read_parquet(cache.table_path("panoptic", shard))
         self.table = table.set_index("row")
         segments = pd.read_parquet(cache.table_path("panoptic", shard, "segments"), columns=["image_id", "category", "area"])
@@ -158,6 +199,10 @@ class _ShardInputs:
     def panoptic_status(self, row: int) -> tuple[str, str]:
         entry = self.table.loc[row]
         return str(entry["status"]), str(entry["error"])
+
+    def full_size(self, row: int) -> tuple[int, int]:
+        """The full-resolution (height, width) the segments' areas refer to."""
+        return int(self.table.at[row, "height"]), int(self.table.at[row, "width"])
 
     def segments_of(self, row: int) -> tuple[np.ndarray, np.ndarray]:
         part = self.segments.get(self.table.at[row, "image_id"])

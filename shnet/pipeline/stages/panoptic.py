@@ -1,9 +1,12 @@
 """Stage ``panoptic``: COCO panoptic segmentation (133 classes) of every image.
 
 Per image: ``class_map`` [R,R] uint8 (class index per pixel, longer side R = ``resolution``, nearest
-neighbour with the 64x64 grid of ``seg_map`` embedded, see :mod:`shnet.pipeline.segmaps`; 255 = void
-and padding), ``map_hw`` [2] int16 (its valid height, width) and ``probs`` [133,7,7] fp16 (pooled class
-probabilities; zeros for the ``coco`` backend). Further table ``segments``: one row per segment with
+neighbour with the 64x64 grid of ``seg_map`` embedded as ``seg_map_sampling`` samples it, see
+:mod:`shnet.pipeline.segmaps`; 255 = void and padding), ``map_hw`` [2] int16 (its valid height,
+width), ``semantic_map`` [R,R] uint8 (the most probable class at the same pixels, from the backend's
+per-pixel class probabilities; all 255 for backends without them: ``coco``, ``detectron2``; the
+layout stage fills void from it) and ``probs`` [133,7,7] fp16 (pooled class probabilities; zeros
+for the ``coco`` backend). Further table ``segments``: one row per segment with
 its class, area and bbox at full resolution and score. Table scalars: ``num_segments`` and the full
 ``height``/``width`` that areas and boxes refer to. An image where nothing is found gets an all-void map.
 
@@ -27,11 +30,13 @@ from ..segmaps import (
     CELLS,
     NUM_CLASSES,
     SEG_MAP_SIZE,
+    SAMPLINGS,
     VOID,
     PanopticResult,
     category_names,
     downsample_for_storage,
     pad_map,
+    stored_most_probable,
     thing_flags,
 )
 from .base import ArraySpec, ImageStage, ShardJob, StageOutput
@@ -60,6 +65,7 @@ class PanopticStage(ImageStage):
         "mask_threshold": 0.5,
         "overlap_threshold": 0.8,
         "resolution": 320,
+        "seg_map_sampling": "opencv",
         "annotations": None,
         "annotation_dir": None,
     }
@@ -79,6 +85,11 @@ class PanopticStage(ImageStage):
             raise ShnetError(f"panoptic.resolution must be an integer and the thresholds numbers ({exc})") from exc
         if not SEG_MAP_SIZE <= config["resolution"] <= 4096:
             raise ShnetError(f"panoptic.resolution must be between {SEG_MAP_SIZE} and 4096 (got {config['resolution']})")
+        if config["seg_map_sampling"] not in SAMPLINGS:
+            raise ShnetError(
+                f"panoptic.seg_map_sampling must be one of {', '.join(SAMPLINGS)} (got {config['seg_map_sampling']!r}); "
+                "opencv samples as 3SHNet's cv2.resize(..., INTER_NEAREST) did"
+            )
         if backend == "coco":
             if config["model"] is not None:
                 raise ShnetError("panoptic.model is not used by panoptic.backend=coco (it reads panoptic.annotations)")
@@ -128,6 +139,7 @@ class PanopticStage(ImageStage):
         return {
             "class_map": ArraySpec((r, r), "uint8", VOID),
             "map_hw": ArraySpec((2,), "int16"),
+            "semantic_map": ArraySpec((r, r), "uint8", VOID),
             "probs": ArraySpec((NUM_CLASSES, CELLS, CELLS), "float16"),
         }
 
@@ -155,7 +167,7 @@ class PanopticStage(ImageStage):
         else:
             from ..models.panoptic_d2 import infer
         results = infer(model, prepared, config, device)
-        return stage_output(results, config["resolution"])
+        return stage_output(results, config["resolution"], config["seg_map_sampling"])
 
     def run(self, job: ShardJob, writer, model: Any) -> pd.DataFrame:
         if job.config["backend"] == "coco":
@@ -178,17 +190,17 @@ class PanopticStage(ImageStage):
         for row, path, status, error in zip(job.images["row"], job.images["path"], job.images["status"], job.images["error"].fillna("")):
             record = {"row": int(row), "status": "error", "error": error, "seconds": 0.0}
             if status != "error":
-                record.update(self._one_annotation(int(row), path, annotations, job.config["resolution"], writer))
+                record.update(self._one_annotation(int(row), path, annotations, job.config, writer))
             records.append(record)
         table = pd.DataFrame(records)
         table.insert(0, "image_id", job.images["image_id"].to_numpy())
         return table
 
     @staticmethod
-    def _one_annotation(row: int, path: str, annotations, resolution: int, writer) -> dict:
+    def _one_annotation(row: int, path: str, annotations, config: dict, writer) -> dict:
         start = time.perf_counter()
         try:
-            out = stage_output([annotations.result(path)], resolution)
+            out = stage_output([annotations.result(path)], config["resolution"], config["seg_map_sampling"])
         except ShnetError as exc:
             return {"status": "error", "error": str(exc), "seconds": time.perf_counter() - start}
         for name, values in out.arrays.items():
@@ -205,19 +217,24 @@ def _content_identity(config: dict, key: str) -> str:
     return weights_identity(value)
 
 
-def stage_output(results: list[PanopticResult], resolution: int) -> StageOutput:
+def stage_output(results: list[PanopticResult], resolution: int, sampling: str) -> StageOutput:
     """The stored arrays and table scalars of a batch of backend results."""
-    maps, sizes = [], []
+    maps, semantic, sizes = [], [], []
     for result in results:
-        stored = downsample_for_storage(result.class_map, resolution)
+        stored = downsample_for_storage(result.class_map, resolution, sampling)
         maps.append(pad_map(stored, resolution))
         sizes.append(stored.shape)
+        if result.class_probs is None:
+            semantic.append(np.full((resolution, resolution), VOID, np.uint8))
+        else:
+            semantic.append(pad_map(stored_most_probable(result.class_probs, result.class_map.shape, resolution, sampling), resolution))
     segments = np.empty(len(results), dtype=object)
     segments[:] = [r.segments for r in results]
     return StageOutput(
         arrays={
             "class_map": np.stack(maps),
             "map_hw": np.asarray(sizes, dtype=np.int16),
+            "semantic_map": np.stack(semantic),
             "probs": np.stack([r.probs for r in results]).astype(np.float16),
         },
         scalars={
