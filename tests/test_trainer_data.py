@@ -253,3 +253,36 @@ def test_in_memory_refuses_what_does_not_fit(cache, monkeypatch):
     monkeypatch.setattr(psutil, "virtual_memory", lambda: Tiny())
     with pytest.raises(ShnetError, match="drop --in-memory"):
         reader.load_in_memory()
+
+
+def _set_layout_class_order(root, order):
+    cache = Cache(root)
+    cache.record["stages"]["layout"]["config"]["class_order"] = order
+    cache.save_record()
+
+
+def test_caches_of_different_class_orders_are_refused_and_models_checked(tmp_path):
+    from shnet.trainer.model import ModelConfig
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    write_concept_cache(a, {"train": 6}, feature_dim=16, num_boxes=4)
+    write_concept_cache(b, {"val": 6}, feature_dim=16, num_boxes=4, seed=1)
+    assert FeatureIndex([a, b], "region").class_order == "coco"  # layouts written before the option: COCO's order
+    _set_layout_class_order(b, "upsnet")
+    with pytest.raises(ShnetError, match=r"different class orders .*a: coco.*b: upsnet"):
+        FeatureIndex([a, b], "region")
+    _set_layout_class_order(a, "upsnet")
+    index = FeatureIndex([a, b], "region")
+    assert index.class_order == "upsnet"
+    config = ModelConfig(region_dim=16, num_classes=133)
+    for fits in (None, "unknown", "upsnet"):
+        index.check_model_fits(config, fits, "run")
+    with pytest.raises(ShnetError, match="class order 'coco'.*layout.class_order=coco"):
+        index.check_model_fits(config, "coco", "run")
+    with pytest.raises(ShnetError, match="takes 32-d region features"):
+        index.check_model_fits(ModelConfig(region_dim=32, num_classes=133), None, "run")
+    cache = Cache(b)
+    cache.record["stages"]["layout"]["config"] = {"source": "npy-import"}
+    cache.save_record()
+    assert FeatureIndex([b], "region").class_order == "unknown"
+    assert FeatureIndex([a, b], "region").class_order == "upsnet"  # an imported set's unknown order mixes with a known one

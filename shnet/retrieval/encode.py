@@ -179,11 +179,7 @@ def encode(request: EncodeRequest, log: Callable[[str], None] = print) -> Encode
     checkpoint, loaded = load_run(request.run, device, request.bert_path)
     config = loaded.config
     index = FeatureIndex(list(request.caches), config.level)
-    if (index.feature_dim, index.num_classes) != (config.region_dim, config.num_classes):
-        raise ShnetError(
-            f"{checkpoint} takes {config.region_dim}-d {config.level} features and {config.num_classes} classes; "
-            f"the caches ({', '.join(request.caches)}) give {index.feature_dim}-d and {index.num_classes}"
-        )
+    index.check_model_fits(config, loaded.extra.get("class_order"), str(checkpoint))
     usable = [i for i in index.image_ids if index.problem(i) is None]
     skipped = {i: index.problem(i) for i in index.image_ids if index.problem(i) is not None}
     if not usable:

@@ -45,6 +45,18 @@ class StageLocations:
     problems: dict[str, str]  # image_id -> why it cannot be used (failed / not extracted)
 
 
+UNKNOWN_CLASS_ORDER = "unknown"
+
+
+def layout_class_order(cache: Cache) -> str:
+    """The class order of a cache's layout arrays: as configured, ``coco`` for a layout extracted
+    before the option existed, ``unknown`` for an imported ``.npy`` set (its files do not say)."""
+    config = cache.stage_config("layout") or {}
+    if "class_order" in config:
+        return str(config["class_order"])
+    return UNKNOWN_CLASS_ORDER if config.get("source") == "npy-import" else "coco"
+
+
 class FeatureIndex:
     """The images that one or more caches hold for a model level, and where their arrays are."""
 
@@ -59,6 +71,7 @@ class FeatureIndex:
         self.image_ids: list[str] = list(dict.fromkeys(i for c in self.caches for i in c.images()["image_id"].astype(str)))
         self.locations = {stage: self._locate(stage) for stage in self.stages}
         self.shapes = self._array_shapes()
+        self.class_order = self._class_order()
 
     def _locate(self, stage: str) -> StageLocations:
         files, frames = [], []
@@ -115,6 +128,34 @@ class FeatureIndex:
                     "(a cache imported from a set without those .npy files?); add a cache that holds them with --cache"
                 )
         return shapes
+
+    def _class_order(self) -> str:
+        """The class order of the layout arrays the caches give (``coco``, ``upsnet``, or ``unknown``
+        for an imported set); caches of two different known orders are refused, never mixed."""
+        orders = {str(c.root): layout_class_order(c) for c in self.caches if c.done_shards("layout")}
+        known = {order for order in orders.values() if order != UNKNOWN_CLASS_ORDER}
+        if len(known) > 1:
+            listing = ", ".join(f"{root}: {order}" for root, order in orders.items())
+            raise ShnetError(
+                f"the caches' layout arrays use different class orders ({listing}); the class ids of seg_map, cat_onehot and "
+                "seg_feat would mean different classes. Extract them with one --set layout.class_order=..."
+            )
+        return known.pop() if known else UNKNOWN_CLASS_ORDER
+
+    def check_model_fits(self, config, class_order: str | None, model_source: str) -> None:
+        """Refuse a model (``config``, trained on layout arrays in ``class_order``; None when unknown)
+        that these caches' features or classes do not fit."""
+        if (config.region_dim, config.num_classes) != (self.feature_dim, self.num_classes):
+            raise ShnetError(
+                f"{model_source} takes {config.region_dim}-d {config.level} features and {config.num_classes} classes; "
+                f"the caches ({', '.join(str(c.root) for c in self.caches)}) give {self.feature_dim}-d and {self.num_classes}"
+            )
+        if class_order not in (None, UNKNOWN_CLASS_ORDER, self.class_order) and self.class_order != UNKNOWN_CLASS_ORDER:
+            raise ShnetError(
+                f"{model_source} was trained on layout arrays in class order '{class_order}'; the caches "
+                f"({', '.join(str(c.root) for c in self.caches)}) hold class order '{self.class_order}'. "
+                f"Extract the layout with --set layout.class_order={class_order}"
+            )
 
     @property
     def feature_dim(self) -> int:

@@ -236,11 +236,7 @@ def train(options: TrainOptions, resume: bool = False, explicit: set[str] | None
             word_dim=options.word_dim,
         )
         model = build_model(config)
-    if (config.region_dim, config.num_classes) != (index.feature_dim, index.num_classes):
-        raise ShnetError(
-            f"the run's model takes {config.region_dim}-d features and {config.num_classes} classes; "
-            f"the caches give {index.feature_dim}-d and {index.num_classes}"
-        )
+    index.check_model_fits(config, checkpoint.extra.get("class_order") if resume else None, "the run's model")
     model.to(device)
     groups = parameter_groups(model, options.lr, options.bert_lr_factor)
     optimizer = torch.optim.AdamW(groups, lr=options.lr, weight_decay=options.weight_decay)
@@ -301,6 +297,7 @@ def train(options: TrainOptions, resume: bool = False, explicit: set[str] | None
                 "rng": rng_states(),
                 "options": options.to_dict(),
                 "metrics": record,
+                "class_order": index.class_order,
             }
             save_checkpoint(last, model, config, tokenizer, extra)
             if is_best:
