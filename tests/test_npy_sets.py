@@ -1,15 +1,18 @@
 """``shnet import`` / ``shnet export`` of SCAN/3SHNet precomputed .npy sets: bit-exact round trips,
-any subset of files, training on an imported cache without a caption file, export of extracted
-caches, streaming in bounded chunks, and one clear message per malformed set."""
+any subset of files, the published COCO loader's per-image region files (read here as that loader
+reads them), training on an imported cache without a caption file, export of extracted caches,
+streaming in bounded chunks, and one clear message per malformed set."""
 
 from __future__ import annotations
 
 import filecmp
 import json
+import os
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from click.testing import CliRunner
 
 import shnet.cache.npy_sets as npy_sets
@@ -51,10 +54,60 @@ def write_set(folder, sizes: dict, files=("ims", "segmentations", "seg_maps", "c
 
 
 def assert_same_files(source, exported):
-    names = sorted(p.name for p in source.iterdir())
-    assert sorted(p.name for p in exported.iterdir()) == names
+    """The same files under both folders (subfolders included), byte for byte."""
+    names = sorted(str(p.relative_to(source)) for p in source.rglob("*") if p.is_file())
+    assert sorted(str(p.relative_to(exported)) for p in exported.rglob("*") if p.is_file()) == names
     for name in names:
         assert filecmp.cmp(source / name, exported / name, shallow=False), name
+
+
+def region_counts(n: int) -> list[int]:
+    return [36 - 7 * (i % 3) for i in range(n)]
+
+
+def write_coco_set(folder, sizes: dict, dim=32, seed=0):
+    """A set as the published COCO loader reads it: {split}_ids.txt and, per id, one
+    coco_region_features/ID.npy of [K, dim] float32 features (K varies), no {split}_ims.npy."""
+    write_set(folder, sizes, files=("segmentations", "seg_maps", "cat_onehots", "caps", "ids"), seed=seed)
+    rng = np.random.default_rng(seed + 1)
+    (folder / "coco_region_features").mkdir()
+    for split, n in sizes.items():
+        ids = (folder / f"{split}_ids.txt").read_text().split()
+        for image_id, count in zip(ids, region_counts(n)):
+            np.save(folder / "coco_region_features" / f"{image_id}.npy", rng.standard_normal((count, dim)).astype(np.float32))
+    return folder
+
+
+def read_as_the_published_coco_loader(loc: str, data_split: str, feature_dir: str = "coco_region_features"):
+    """What PrecompRegionDataset (lib/datasets/image_caption_segmentation_sp_se_new.py, 'coco' branch)
+    takes from a folder: its file reads, in its order, with its conversions, item by item."""
+    captions = []
+    with open(os.path.join(loc, "%s_caps.txt" % data_split), "r") as f:
+        for line in f:
+            captions.append(line.strip())
+    image_segmentations = np.load(os.path.join(loc, "%s_segmentations.npy" % data_split))
+    image_segmaps = np.load(os.path.join(loc, "%s_seg_maps.npy" % data_split))
+    image_cat_onehots = np.load(os.path.join(loc, "%s_cat_onehots.npy" % data_split))
+    image_ids = []
+    with open(os.path.join(loc, "%s_ids.txt" % data_split), "r") as f:
+        for line in f:
+            image_ids.append(line.strip())
+    im_div = 5 if len(image_ids) != len(captions) else 1
+    items = []
+    for index in range(len(captions)):
+        img_index = index // im_div
+        image = torch.Tensor(np.load(os.path.join(loc, feature_dir, image_ids[img_index] + ".npy")))
+        items.append(
+            (
+                image,
+                torch.Tensor(image_segmaps[img_index]),
+                torch.Tensor(image_cat_onehots[img_index]),
+                torch.Tensor(image_segmentations[img_index]),
+                captions[index],
+                img_index,
+            )
+        )
+    return image_ids, items
 
 
 def test_import_then_export_is_bit_exact(tmp_path):
@@ -310,3 +363,145 @@ def test_export_of_a_cache_made_by_extract_for_the_published_loaders(tmp_path):
     shnet("import", out, "-o", tmp_path / "again")
     shnet("export", tmp_path / "again", "--split", "test", "-o", tmp_path / "again-out")
     assert_same_files(out, tmp_path / "again-out")
+
+
+def test_per_image_region_files_import_and_export_byte_for_byte(tmp_path, monkeypatch):
+    source = write_coco_set(tmp_path / "set", {"train": 7, "test": 5})
+    features = source / "coco_region_features"
+    # what else the published files may be: an id with a '/' (a subfolder) and a trailing space in the
+    # ids file, a big-endian Fortran-order file, a version 2.0 header, float16 values
+    ids = (source / "test_ids.txt").read_text().splitlines()
+    (features / "val2014").mkdir()
+    (features / f"{ids[1]}.npy").rename(features / "val2014" / f"{ids[1]}.npy")
+    ids[1] = f"val2014/{ids[1]} "
+    (source / "test_ids.txt").write_text("\n".join(ids) + "\n")
+    rng = np.random.default_rng(2)
+    np.save(features / f"{ids[2]}.npy", np.asfortranarray(rng.standard_normal((22, 32)).astype(">f4")))
+    with open(features / f"{ids[3]}.npy", "wb") as handle:
+        np.lib.format.write_array(handle, rng.standard_normal((36, 32)).astype(np.float32), version=(2, 0))
+    np.save(features / f"{ids[4]}.npy", rng.standard_normal((29, 32)).astype(np.float16))
+
+    monkeypatch.setattr(npy_sets, "CHUNK_BYTES", 3 * 36 * 32 * 4)  # 3 images of features per block
+    loads = []
+    real_load = np.load
+    monkeypatch.setattr(np, "load", lambda *a, **k: loads.append(k) or real_load(*a, **k))
+    written = []
+    real_write = ShardWriter.write
+    monkeypatch.setattr(ShardWriter, "write", lambda self, name, rows, values: written.append((name, len(values))) or real_write(self, name, rows, values))
+    shnet("import", source, "-o", tmp_path / "cache", "--shard-size", 4)
+    monkeypatch.setattr(np, "load", real_load)
+    assert len(loads) >= 12 and all(k.get("mmap_mode") == "r" and not k.get("allow_pickle") for k in loads)
+    feature_blocks = [size for name, size in written if name == "features"]
+    assert sum(feature_blocks) == 12 and max(feature_blocks) <= 3
+
+    cache = Cache(tmp_path / "cache")
+    assert "val2014/100011" in cache.images()["image_id"].tolist()  # the id as the loader strips it
+    table = cache.stage_table("regions").set_index("image_id")
+    train_ids = (source / "train_ids.txt").read_text().split()
+    assert table.loc[train_ids, "num_boxes"].tolist() == region_counts(7)
+    stored = cache.read("regions", "features", train_ids[1])
+    assert stored.shape == (36, 32) and not stored[29:].any()
+    np.testing.assert_array_equal(stored[:29], np.load(features / f"{train_ids[1]}.npy"))
+    np.testing.assert_array_equal(cache.read("regions", "features", ids[2].strip())[:22], np.load(features / f"{ids[2]}.npy"))
+
+    shnet("export", tmp_path / "cache", "-o", tmp_path / "out", "--split", "train", "--split", "test")
+    assert_same_files(source, tmp_path / "out")
+
+    # the same cache as whole-split files, and per-image under another folder name
+    result = shnet("export", tmp_path / "cache", "-o", tmp_path / "whole", "--split", "test", "--region-features", "whole-split")
+    assert "3 of 5 images have fewer than 36 regions" in result.output
+    ims = np.load(tmp_path / "whole" / "test_ims.npy")
+    assert ims.shape == (5, 36, 32) and ims.dtype == np.float32 and not (tmp_path / "whole" / "coco_region_features").exists()
+    shnet("export", tmp_path / "cache", "-o", tmp_path / "feats", "--split", "test", "--features-dir", "feats")
+    exported = sorted(str(p.relative_to(tmp_path / "feats" / "feats")) for p in (tmp_path / "feats" / "feats").rglob("*.npy"))
+    assert exported == sorted(f"{i.strip()}.npy" for i in ids)
+    assert all(filecmp.cmp(features / name, tmp_path / "feats" / "feats" / name, shallow=False) for name in exported)
+
+
+@pytest.mark.parametrize("regions", ["per-image", "whole-split"])
+def test_per_image_export_reads_as_the_published_coco_loader_reads_it(tmp_path, regions):
+    image_ids = [f"val2014/COCO_val2014_{i:012d}" for i in range(6)]
+    arrays = extracted_cache(tmp_path / "cache", image_ids, regions=True)
+    order = [4, 1, 5]
+    rows = [{"image_id": f"{image_ids[i]}.jpg", "caption": f"caption {j} of image {i}", "split": "test"} for i in order for j in range(5)]
+    pd.DataFrame(rows).to_csv(tmp_path / "captions.csv", index=False)
+    shnet("export", tmp_path / "cache", "--captions", tmp_path / "captions.csv", "--split", "test", "-o", tmp_path / "out", "--region-features", regions)
+    out = tmp_path / "out"
+    if regions == "whole-split":  # the default layout, as before: {split}_ims.npy, no folder
+        assert (out / "test_ims.npy").is_file() and not (out / "coco_region_features").exists()
+        return
+    assert not (out / "test_ims.npy").exists()  # the COCO loader never reads it
+    loaded_ids, items = read_as_the_published_coco_loader(str(out), "test")
+    assert loaded_ids == [image_ids[i] for i in order] and len(items) == 15
+    for index, (image, segmentation, cat_onehot, unet_seg, caption, img_index) in enumerate(items):
+        source = order[img_index]
+        assert img_index == index // 5 and caption == f"caption {index % 5} of image {source}"
+        assert image.dtype == torch.float32 and image.shape == (10, 32)  # every stored row, zero past num_boxes
+        np.testing.assert_array_equal(image.numpy(), arrays["regions"]["features"][source].astype(np.float32))
+        np.testing.assert_array_equal(segmentation.numpy(), arrays["layout"]["seg_map"][source].astype(np.float32))
+        np.testing.assert_array_equal(cat_onehot.numpy(), arrays["layout"]["cat_onehot"][source].astype(np.float32))
+        np.testing.assert_array_equal(unet_seg.numpy(), arrays["layout"]["seg_feat"][source].astype(np.float32))
+    assert np.load(out / "coco_region_features" / f"{image_ids[4]}.npy").dtype == np.float32
+
+    shnet("import", out, "-o", tmp_path / "again")
+    again = Cache(tmp_path / "again")
+    np.testing.assert_array_equal(again.read("regions", "features", image_ids[5]), arrays["regions"]["features"][5])
+    shnet("export", tmp_path / "again", "--split", "test", "-o", tmp_path / "again-out")
+    assert_same_files(out, tmp_path / "again-out")
+
+
+def test_ids_that_would_leave_the_features_folder_are_refused_before_writing(tmp_path):
+    image_ids = ["img0", "../evil", "/etc/evil"]
+    extracted_cache(tmp_path / "cache", image_ids, regions=True)
+    rows = [{"image_id": image_id, "caption": f"caption {j}", "split": "test"} for image_id in image_ids for j in range(5)]
+    pd.DataFrame(rows).to_csv(tmp_path / "captions.csv", index=False)
+    out = tmp_path / "sub" / "out"
+    result = shnet("export", tmp_path / "cache", "--captions", tmp_path / "captions.csv", "--split", "test", "-o", out, "--region-features", "per-image", ok=False)
+    assert "2 image id(s) name no file inside coco_region_features/" in result.output and "'../evil', '/etc/evil'" in result.output
+    assert not (tmp_path / "sub").exists() and "Traceback" not in result.output
+
+    source = write_coco_set(tmp_path / "set", {"test": 2})
+    (source / "test_ids.txt").write_text("100004\n../100011\n")
+    result = shnet("import", source, "-o", tmp_path / "c1", ok=False)
+    assert "test_ids.txt: 1 image id(s) name no file inside" in result.output and "'../100011'" in result.output
+    assert not (tmp_path / "c1").exists()
+
+
+def test_malformed_per_image_sets_get_one_clear_message(tmp_path):
+    def refused(source, *extra) -> str:
+        cache = tmp_path / f"cache{len(list(tmp_path.iterdir()))}"
+        result = shnet("import", source, "-o", cache, *extra, ok=False)
+        assert not cache.exists() and "Traceback" not in result.output
+        return " ".join(result.output.split())
+
+    source = write_coco_set(tmp_path / "set", {"test": 3})
+    features = source / "coco_region_features"
+    ids = (source / "test_ids.txt").read_text().split()
+    good = features / f"{ids[1]}.npy"
+    kept = good.read_bytes()
+
+    good.unlink()
+    assert f"{good} is missing: test_ids.txt lists '{ids[1]}'" in refused(source)
+    np.save(good, np.zeros((2, 29, 32), np.float32))
+    assert f"{good} has shape [2, 29, 32]; a per-image region file holds [K, D]" in refused(source)
+    np.save(good, np.zeros((29, 16), np.float32))
+    assert f"{good} holds 16-d region features, {features / ids[0]}.npy 32-d" in refused(source)
+    np.save(good, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    assert f"{good} holds pickled objects" in refused(source)
+    good.write_bytes(kept[:-100])
+    assert f"{good} is truncated" in refused(source)
+    good.write_bytes(kept)
+
+    assert "is not a folder; --features-dir names the folder of per-image" in refused(source, "--features-dir", "elsewhere")
+    assert "is not a folder inside the set" in refused(source, "--features-dir", "../set/coco_region_features")
+    np.save(source / "test_ims.npy", np.zeros((3, 36, 32), np.float32))
+    assert "no split reads" in refused(source, "--features-dir", "coco_region_features")
+
+    shnet("import", source, "-o", tmp_path / "whole")  # test_ims.npy present: the whole-split file, as before
+    assert Cache(tmp_path / "whole").stage_table("regions")["num_boxes"].tolist() == [36, 36, 36]
+    result = shnet("export", tmp_path / "whole", "--split", "test", "-o", tmp_path / "o1", "--features-dir", "feats", ok=False)
+    assert "add --region-features per-image" in result.output
+    extracted_cache(tmp_path / "layout-only", ["a", "b"], regions=False)
+    pd.DataFrame({"image_id": ["a"] * 5, "caption": "c", "split": "test"}).to_csv(tmp_path / "caps.csv", index=False)
+    args = ("--captions", tmp_path / "caps.csv", "--split", "test", "-o", tmp_path / "o2", "--region-features", "per-image")
+    assert "has no stage 'regions'; per-image region features need it" in shnet("export", tmp_path / "layout-only", *args, ok=False).output

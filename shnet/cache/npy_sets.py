@@ -9,18 +9,21 @@ A set is a folder of per-split files, as the SCAN (``data.py``) and 3SHNet
     {split}_cat_onehots.npy    [N, 133] class present or not                      <-> layout/cat_onehot
     {split}_caps.txt           captions, one a line: image i's on lines 5i..5i+4  <-> captions.parquet
     {split}_ids.txt            one image id a line                                <-> image_id
+    coco_region_features/ID.npy  [K, 2048] one image's region features, per line ID of
+                               {split}_ids.txt (the published COCO loader; no {split}_ims.npy)
+                                                                              <-> regions/features
 
 Any subset of these files may be present. Import keeps every array in the file's dtype and
 records each file's header and each text file's line endings, so that export of an imported split
 writes the same bytes. Both directions stream: ``.npy`` files are memory-mapped (never unpickled)
-and copied in blocks of at most :data:`CHUNK_BYTES`.
+and copied in blocks of at most :data:`CHUNK_BYTES`; per-image files are read and written one
+by one (:mod:`shnet.cache.npy_region_files`).
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import io
+import dataclasses
 import os
 import re
 import shutil
@@ -35,11 +38,13 @@ import pandas as pd
 
 from ..errors import ShnetError
 from .captions import read_cache_captions, write_cache_captions
+from .npy_files import NpyHeader, TextLines, open_npy, write_atomically
+from .npy_region_files import DEFAULT_FEATURES_DIR, RegionFiles, check_features_dir, check_region_ids, region_file, write_region_file
 from .store import Cache, atomic_write_parquet, create_cache
 from .streaming import write_stage_chunks
 
 CHUNK_BYTES = 64 * 2**20  # the most array bytes read and written at once
-SPLITS_TABLE = "splits.parquet"  # an imported cache: split, position, image_id, id_line (each split's image order)
+SPLITS_TABLE = "splits.parquet"  # an imported cache: split, position, image_id, id_line (each split's image order), region_header
 IMPORT_RECORD = "npy_import"  # cache.json key: source folder, per split its files' headers and text styles
 DEFAULT_CAPTIONS_PER_IMAGE = 5
 _EXAMPLES = 5
@@ -74,94 +79,6 @@ def array_file(folder: Path, split: str, kind: str) -> Path:
 
 def text_file(folder: Path, split: str, kind: str) -> Path:
     return folder / f"{split}_{kind}.txt"
-
-
-# --- text files, byte for byte -----------------------------------------------------------------
-@dataclass
-class TextLines:
-    """A text file's lines (without line ends) and how they were ended, to write it back exactly."""
-
-    lines: list[str]
-    newline: str = "\n"
-    final_newline: bool = True
-
-    @classmethod
-    def read(cls, path: Path) -> "TextLines":
-        try:
-            text = path.read_bytes().decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise ShnetError(f"{path} is not UTF-8 text ({exc}); convert it with iconv -t utf-8") from None
-        lines = text.split("\n")
-        final = lines[-1] == ""
-        if final:
-            lines.pop()
-        newline = "\r\n" if lines and all(line.endswith("\r") for line in lines) else "\n"
-        if newline == "\r\n":
-            lines = [line[:-1] for line in lines]
-        return cls(lines, newline, final and bool(lines))
-
-    def to_bytes(self) -> bytes:
-        return (self.newline.join(self.lines) + (self.newline if self.final_newline and self.lines else "")).encode("utf-8")
-
-    def style(self) -> dict:
-        return {"newline": self.newline, "final_newline": self.final_newline}
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-# --- .npy headers ------------------------------------------------------------------------------
-@dataclass
-class NpyHeader:
-    """The header bytes of a ``.npy`` file and what they say (kept to write the file back exactly)."""
-
-    raw: bytes
-    shape: tuple[int, ...]
-    fortran_order: bool
-    dtype: np.dtype
-
-    @classmethod
-    def parse(cls, raw: bytes, source: str) -> "NpyHeader":
-        handle = io.BytesIO(raw)
-        try:
-            version = np.lib.format.read_magic(handle)
-            reader = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
-            if reader is None:
-                raise ValueError(f"format version {version[0]}.{version[1]} (numeric arrays use 1.0 or 2.0)")
-            shape, fortran_order, dtype = reader(handle)
-        except ValueError as exc:
-            raise ShnetError(f"{source} is not a readable .npy file: {exc}") from None
-        return cls(raw, tuple(int(s) for s in shape), bool(fortran_order), np.dtype(dtype))
-
-    def to_record(self) -> dict:
-        return {
-            "header": base64.b64encode(self.raw).decode("ascii"),
-            "shape": list(self.shape),
-            "dtype": self.dtype.str,
-            "fortran_order": self.fortran_order,
-        }
-
-    @classmethod
-    def from_record(cls, entry: dict) -> "NpyHeader":
-        return cls.parse(base64.b64decode(entry["header"]), "the cache record")
-
-
-def open_npy(path: Path) -> tuple[np.ndarray, NpyHeader]:
-    """A memory map of a numeric ``.npy`` file (pickled/object arrays refused) and its header."""
-    try:
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
-    except ValueError as exc:
-        raise ShnetError(f"{path} is not a plain numeric .npy array ({exc}); shnet never unpickles files") from None
-    except OSError as exc:
-        raise ShnetError(f"{path} cannot be read as .npy: {exc}") from None
-    if not isinstance(array, np.memmap) or not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
-        raise ShnetError(f"{path} holds {array.dtype} data; the precomputed sets hold numeric arrays")
-    with open(path, "rb") as handle:
-        header = NpyHeader.parse(handle.read(array.offset), str(path))
-    return array, header
 
 
 # --- finding the files of a set ---------------------------------------------------------------
@@ -205,7 +122,7 @@ class OpenSplit:
     """One split's files opened and checked against each other."""
 
     files: SplitFiles
-    arrays: dict[str, np.ndarray]  # kind name -> memory map
+    arrays: dict[str, np.ndarray | RegionFiles]  # kind name -> memory map (or the per-image region files)
     headers: dict[str, NpyHeader]
     image_ids: list[str]
     ids_text: TextLines | None
@@ -219,8 +136,15 @@ class OpenSplit:
     def num_images(self) -> int:
         return len(self.image_ids)
 
+    @property
+    def region_files(self) -> RegionFiles | None:
+        regions = self.arrays.get("ims")
+        return regions if isinstance(regions, RegionFiles) else None
 
-def open_split(files: SplitFiles, captions_per_image: int) -> OpenSplit:
+
+def open_split(files: SplitFiles, captions_per_image: int, region_folder: Path | None = None) -> OpenSplit:
+    """The split's files checked; with ``region_folder``, a split with ids and no ``{split}_ims.npy``
+    takes its region features from the per-image files there."""
     arrays, headers = {}, {}
     for name, path in files.arrays.items():
         arrays[name], headers[name] = open_npy(path)
@@ -261,6 +185,8 @@ def open_split(files: SplitFiles, captions_per_image: int) -> OpenSplit:
     repeated = pd.Index(image_ids)[pd.Index(image_ids).duplicated()].unique().tolist()
     if repeated:
         raise ShnetError(f"{files.ids} lists {len(repeated)} image id(s) more than once, e.g. {', '.join(repeated[:_EXAMPLES])}")
+    if region_folder is not None and files.ids is not None and "ims" not in arrays:
+        arrays["ims"] = RegionFiles.scan(region_folder, image_ids, files.ids)
     return OpenSplit(files, arrays, headers, image_ids, ids_text, caps_text)
 
 
@@ -285,19 +211,21 @@ def import_sets(
     shard_size: int = 1000,
     log: Callable[[str], None] = print,
     progress: Callable[[str, int], ContextManager] | None = None,
+    features_dir: str | None = None,
 ) -> ImportReport:
     """Import the precomputed set in ``folder`` (its ``splits``, default all) into a new cache.
 
     The cache is built in a hidden sibling folder and renamed into place when complete, so an
     interrupted import leaves no half cache under the given name. ``progress(label, total)`` may
-    give a context manager whose ``update(rows)`` hears of every block written.
+    give a context manager whose ``update(rows)`` hears of every block written. Per-image region
+    files are read from ``folder/features_dir`` (default :data:`DEFAULT_FEATURES_DIR` when present).
     """
     if captions_per_image < 1:
         raise ShnetError(f"--captions-per-image must be at least 1 (got {captions_per_image})")
     folder = Path(folder).expanduser().resolve()
     root = Path(cache_root).expanduser().resolve()
     _refuse_existing(root)
-    opened = [open_split(files, captions_per_image) for files in find_splits(folder, splits).values()]
+    opened, region_dir = _open_splits(folder, splits, captions_per_image, features_dir)
     kinds = _common_kinds(opened)
     dtypes = {name: _cache_dtype(opened, name) for name in kinds}
     kept = _distinct_images(opened, kinds)
@@ -320,19 +248,12 @@ def import_sets(
         captions = _captions_frame(opened, captions_per_image)
         if len(captions):
             write_cache_captions(cache, captions)
-        order = pd.DataFrame(
-            {
-                "split": [s.split for s in opened for _ in s.image_ids],
-                "position": np.concatenate([np.arange(s.num_images, dtype=np.int64) for s in opened]),
-                "image_id": [i for s in opened for i in s.image_ids],
-                "id_line": [line for s in opened for line in (s.ids_text.lines if s.ids_text else s.image_ids)],
-            }
-        )
-        atomic_write_parquet(cache.root / SPLITS_TABLE, order)
+        region_headers = {s.split: _distinct_headers(s.region_files) for s in opened if s.region_files}
+        atomic_write_parquet(cache.root / SPLITS_TABLE, _order_table(opened, region_headers))
         cache.record[IMPORT_RECORD] = {
             "source": str(folder),
             "captions_per_image": captions_per_image,
-            "splits": {s.split: _split_record(s) for s in opened},
+            "splits": {s.split: _split_record(s, region_dir, region_headers.get(s.split)) for s in opened},
         }
         cache.save_record()
         _refuse_existing(root)
@@ -341,6 +262,27 @@ def import_sets(
         shutil.rmtree(staging, ignore_errors=True)
     log(f"imported {folder} into {root}")
     return ImportReport(root, {s.split: s.num_images for s in opened}, len(image_ids), stages, len(captions))
+
+
+def _open_splits(folder: Path, splits: Sequence[str], captions_per_image: int, features_dir: str | None) -> tuple[list[OpenSplit], str | None]:
+    """The splits opened, and the per-image region folder's name when a split reads it. Per-image
+    splits share one width (their largest K), so that their features stack in one stage."""
+    name = features_dir or DEFAULT_FEATURES_DIR
+    check_features_dir(name)
+    region_folder = folder / name
+    if not region_folder.is_dir():
+        if features_dir:
+            raise ShnetError(f"{region_folder} is not a folder; --features-dir names the folder of per-image ID.npy files in {folder}")
+        region_folder = None
+    opened = [open_split(files, captions_per_image, region_folder) for files in find_splits(folder, splits).values()]
+    regions = [s.region_files for s in opened if s.region_files]
+    if features_dir and not regions:
+        raise ShnetError(
+            f"no split reads {region_folder}: per-image region features serve a split with a {{split}}_ids.txt and no {{split}}_ims.npy"
+        )
+    for files in regions:
+        files.width = max(r.width for r in regions)
+    return opened, name if regions else None
 
 
 def _refuse_existing(root: Path) -> None:
@@ -419,8 +361,15 @@ def _stage_blocks(opened: list[OpenSplit], kinds: list[ArrayKind], kept: dict[st
             select = slice(int(chosen[0]), int(chosen[-1]) + 1) if contiguous else chosen
             block = {k.array: np.ascontiguousarray(split.arrays[k.name][select], dtype=dtypes[k.name]) for k in kinds}
             if "features" in block:
-                block["num_boxes"] = np.full(len(chosen), block["features"].shape[1], dtype=np.int32)
+                block["num_boxes"] = _num_boxes(split, chosen, block["features"].shape[1])
             yield block
+
+
+def _num_boxes(split: OpenSplit, chosen: np.ndarray, width: int) -> np.ndarray:
+    """Regions per image: a per-image file's K, else every row of the whole-split file."""
+    if split.region_files:
+        return split.region_files.counts[chosen]
+    return np.full(len(chosen), width, dtype=np.int32)
 
 
 def _captions_frame(opened: list[OpenSplit], captions_per_image: int) -> pd.DataFrame:
@@ -432,13 +381,40 @@ def _captions_frame(opened: list[OpenSplit], captions_per_image: int) -> pd.Data
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["image_id", "caption", "split"])
 
 
-def _split_record(split: OpenSplit) -> dict:
-    return {
+def _distinct_headers(files: RegionFiles) -> tuple[list[NpyHeader], np.ndarray]:
+    """The distinct headers of a split's per-image files, and each image's position among them."""
+    positions: dict[bytes, int] = {}
+    index = np.array([positions.setdefault(h.raw, len(positions)) for h in files.headers], dtype=np.int32)
+    distinct = {h.raw: h for h in files.headers}
+    return [distinct[raw] for raw in positions], index
+
+
+def _order_table(opened: list[OpenSplit], region_headers: dict[str, tuple[list[NpyHeader], np.ndarray]]) -> pd.DataFrame:
+    """Each split's images in file order, with the id lines as written and, for per-image region
+    files, which recorded header each image's file had (-1: none)."""
+    return pd.DataFrame(
+        {
+            "split": [s.split for s in opened for _ in s.image_ids],
+            "position": np.concatenate([np.arange(s.num_images, dtype=np.int64) for s in opened]),
+            "image_id": [i for s in opened for i in s.image_ids],
+            "id_line": [line for s in opened for line in (s.ids_text.lines if s.ids_text else s.image_ids)],
+            "region_header": np.concatenate(
+                [region_headers[s.split][1] if s.split in region_headers else np.full(s.num_images, -1, np.int32) for s in opened]
+            ),
+        }
+    )
+
+
+def _split_record(split: OpenSplit, region_dir: str | None, region_headers: tuple[list[NpyHeader], np.ndarray] | None) -> dict:
+    record = {
         "images": split.num_images,
         "arrays": {name: header.to_record() for name, header in split.headers.items()},
         "ids": split.ids_text.style() if split.ids_text else None,
         "caps": split.caps_text.style() if split.caps_text else None,
     }
+    if region_headers is not None:
+        record["region_files"] = {"folder": region_dir, "headers": [h.to_record() for h in region_headers[0]]}
+    return record
 
 
 # --- export ------------------------------------------------------------------------------------
@@ -454,6 +430,17 @@ class ExportRequest:
     write_ids: bool = True
     verbatim: bool = False  # captions are lines read from a caps file: written back unchanged
     id_lines: list[str] | None = None  # the ids file's lines as imported (an id's surrounding spaces kept)
+    per_image: bool = False  # region features as features_dir/ID.npy per image (the COCO loader), not {split}_ims.npy
+    features_dir: str = DEFAULT_FEATURES_DIR
+    region_headers: list[NpyHeader] | None = None  # per image: the header of its imported per-image file
+
+    def with_region_layout(self, region_features: str | None, features_dir: str | None) -> "ExportRequest":
+        """This request with the layout the user chose (None: as imported, else whole-split)."""
+        per_image = self.per_image if region_features is None else region_features == "per-image"
+        if features_dir and not per_image:
+            raise ShnetError("--features-dir names the folder of per-image region files; add --region-features per-image")
+        headers = self.region_headers if per_image else None
+        return dataclasses.replace(self, per_image=per_image, features_dir=features_dir or self.features_dir, region_headers=headers)
 
 
 def imported_split(cache: Cache, split: str) -> ExportRequest:
@@ -473,7 +460,7 @@ def imported_split(cache: Cache, split: str) -> ExportRequest:
         captions = rows["caption"].astype(str).tolist()
         if rows["image_id"].astype(str).tolist() != list(np.repeat(image_ids, record["captions_per_image"])):
             raise ShnetError(f"{cache.root}/captions.parquet no longer matches split '{split}' of the import; re-import the set")
-    return ExportRequest(
+    request = ExportRequest(
         split,
         image_ids,
         captions,
@@ -482,6 +469,12 @@ def imported_split(cache: Cache, split: str) -> ExportRequest:
         verbatim=True,
         id_lines=order["id_line"].astype(str).tolist(),
     )
+    region_files = record["splits"][split].get("region_files")
+    if region_files is None:
+        return request
+    headers = [NpyHeader.from_record(entry) for entry in region_files["headers"]]
+    per_image = [headers[i] for i in order["region_header"]]
+    return dataclasses.replace(request, per_image=True, features_dir=region_files["folder"], region_headers=per_image)
 
 
 @dataclass
@@ -507,30 +500,71 @@ def export_split(cache: Cache, request: ExportRequest, out_dir: str | Path, log:
             "(and regions) first"
         )
     kinds = [kind for kind in ARRAY_KINDS if kind.stage in sources and kind.array in sources[kind.stage].item_shapes]
+    if request.per_image:
+        _check_per_image(cache, request, sources, out)
+        kinds = [kind for kind in kinds if kind.name != "ims"]
+    write_ids = request.write_ids or request.per_image  # the loader finds per-image files by the ids
     targets = [array_file(out, request.split, k.name) for k in kinds]
-    if request.write_ids:
+    if write_ids:
         targets.append(text_file(out, request.split, "ids"))
     if request.captions is not None:
         _check_captions(request)
         targets.append(text_file(out, request.split, "caps"))
-    existing = [p.name for p in targets if p.exists()]
+    region_targets = [region_file(out / request.features_dir, i) for i in request.image_ids] if request.per_image else []
+    existing = [str(p.relative_to(out)) for p in targets + region_targets if p.exists()]
     if existing:
-        raise ShnetError(f"{out} already holds {', '.join(existing)}; remove them or export into another -o folder")
+        more = f" and {len(existing) - _EXAMPLES} more" if len(existing) > _EXAMPLES else ""
+        raise ShnetError(f"{out} already holds {', '.join(existing[:_EXAMPLES])}{more}; remove them or export into another -o folder")
     out.mkdir(parents=True, exist_ok=True)
-    if "regions" in sources:
+    if "regions" in sources and not request.region_headers:
         _note_padding(cache, request, log)
     recorded = cache.record.get(IMPORT_RECORD, {}).get("splits", {}).get(request.split, {})
     with _ShardFiles(cache) as files:
         for kind in kinds:
             header = _export_header(kind, sources[kind.stage], len(request.image_ids), recorded.get("arrays", {}).get(kind.name))
             _write_array(files, sources[kind.stage], kind, header, array_file(out, request.split, kind.name))
+        if request.per_image:
+            _write_region_files(files, sources["regions"], request, region_targets)
+            targets.append(out / request.features_dir)
     styles = recorded if recorded else {"ids": {}, "caps": {}}
-    if request.write_ids:
+    if write_ids:
         write_atomically(text_file(out, request.split, "ids"), TextLines(list(request.id_lines or request.image_ids), **(styles.get("ids") or {})).to_bytes())
     if request.captions is not None:
         lines = request.captions if request.verbatim else [" ".join(c.splitlines()) for c in request.captions]
         write_atomically(text_file(out, request.split, "caps"), TextLines(lines, **(styles.get("caps") or {})).to_bytes())
     return targets
+
+
+def _check_per_image(cache: Cache, request: ExportRequest, sources: dict[str, "_Source"], out: Path) -> None:
+    """Refuse a per-image export that would have no features or write outside the features folder."""
+    if "regions" not in sources:
+        raise ShnetError(f"{cache.root} has no stage 'regions'; per-image region features need it (`shnet extract ... --stages regions`)")
+    check_features_dir(request.features_dir)
+    if (out / request.features_dir).exists() and not (out / request.features_dir).is_dir():
+        raise ShnetError(f"{out / request.features_dir} is a file; the per-image region files need that name as a folder (--features-dir NAME)")
+    check_region_ids(request.image_ids, f"split '{request.split}' of {cache.root}", request.features_dir)
+
+
+def _write_region_files(files: "_ShardFiles", source: "_Source", request: ExportRequest, paths: list[Path]) -> None:
+    """One file per image, read from the cache in blocks of at most :data:`CHUNK_BYTES`: an imported
+    file's header and rows when recorded, else every stored row in ``{split}_ims.npy``'s dtype."""
+    item_shape = source.item_shapes["features"]
+    dtype = _export_dtype(KINDS["ims"], source.dtypes["features"])
+    step = rows_per_chunk(int(np.prod(item_shape)) * max(dtype.itemsize, source.dtypes["features"].itemsize))
+    for start in range(0, len(paths), step):
+        stop = min(start + step, len(paths))
+        block = files.read("regions", "features", source.shards[start:stop], source.rows[start:stop])
+        for position, values in zip(range(start, stop), block):
+            header = request.region_headers[position] if request.region_headers else None
+            if header is not None and _describes(header, item_shape):
+                write_region_file(paths[position], values, header)
+            else:
+                write_region_file(paths[position], values.astype(dtype), None)
+
+
+def _describes(header: NpyHeader, item_shape: tuple[int, ...]) -> bool:
+    """Whether an imported file's header fits the stored rows (K of them, the same feature size)."""
+    return header.shape[0] <= item_shape[0] and header.shape[1:] == item_shape[1:]
 
 
 def _check_captions(request: ExportRequest) -> None:
@@ -587,9 +621,10 @@ def _note_padding(cache: Cache, request: ExportRequest, log: Callable[[str], Non
     with cache.open_arrays("regions", cache.done_shards("regions")[0]) as h5:
         width = int(h5["features"].shape[1])
     short = int((counts < width).sum())
+    written = f"{request.features_dir}/ID.npy files" if request.per_image else f"{request.split}_ims.npy rows"
     if short:
         log(
-            f"note: {short} of {len(counts)} images have fewer than {width} regions; their {request.split}_ims.npy rows are "
+            f"note: {short} of {len(counts)} images have fewer than {width} regions; their {written} are "
             "zero-padded to that width, and the SCAN/3SHNet loaders take every row as a region"
         )
 

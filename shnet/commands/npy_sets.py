@@ -11,6 +11,7 @@ import sys
 import click
 
 from ..cache import Cache
+from ..cache.npy_region_files import DEFAULT_FEATURES_DIR, REGION_LAYOUTS
 from ..cache.npy_sets import DEFAULT_CAPTIONS_PER_IMAGE, ExportRequest, export_split, import_sets, imported_split
 from ..errors import ShnetError
 from ..trainer.captions import match_images, read_captions, select_split
@@ -36,11 +37,19 @@ def _progress_bar(label: str, total: int):
     help="Lines of {split}_caps.txt per image.",
 )
 @click.option("--shard-size", type=click.IntRange(min=1), default=1000, show_default=True, help="Images per shard of the new cache.")
-def import_command(folder, cache, splits, captions_per_image, shard_size) -> None:
+@click.option(
+    "--features-dir",
+    metavar="NAME",
+    help=f"Folder in FOLDER of per-image region features, NAME/ID.npy per line of {{split}}_ids.txt, read for splits "
+    f"without {{split}}_ims.npy (default: {DEFAULT_FEATURES_DIR}, when present).",
+)
+def import_command(folder, cache, splits, captions_per_image, shard_size, features_dir) -> None:
     """Import a SCAN/3SHNet precomputed set (FOLDER with {split}_ims.npy, {split}_segmentations.npy,
-    {split}_seg_maps.npy, {split}_cat_onehots.npy, {split}_caps.txt, {split}_ids.txt; any subset)
-    into a new cache with stages regions and layout and the captions, ready for `shnet train`."""
-    report = import_sets(folder, cache, splits, captions_per_image, shard_size, log=_log, progress=_progress_bar)
+    {split}_seg_maps.npy, {split}_cat_onehots.npy, {split}_caps.txt, {split}_ids.txt; any subset;
+    or, as the published COCO loader reads them, coco_region_features/ID.npy per id instead of
+    {split}_ims.npy) into a new cache with stages regions and layout and the captions, ready for
+    `shnet train`."""
+    report = import_sets(folder, cache, splits, captions_per_image, shard_size, log=_log, progress=_progress_bar, features_dir=features_dir)
     listing = ", ".join(f"{split} {count}" for split, count in report.splits.items())
     click.echo(
         f"{report.cache}: {report.images} images (splits: {listing}), stages: {', '.join(report.stages) or 'none'}, "
@@ -65,12 +74,29 @@ def import_command(folder, cache, splits, captions_per_image, shard_size) -> Non
     show_default=True,
     help="Captions per image in {split}_caps.txt (with --captions).",
 )
-def export_command(cache, out, splits, captions, captions_per_image) -> None:
-    """Export splits of CACHE as a SCAN/3SHNet precomputed set: {split}_ims.npy (stage regions),
-    {split}_segmentations.npy, {split}_seg_maps.npy, {split}_cat_onehots.npy (stage layout),
-    {split}_ids.txt and {split}_caps.txt, in the caption file's image order."""
+@click.option(
+    "--region-features",
+    type=click.Choice(REGION_LAYOUTS),
+    help="whole-split: {split}_ims.npy; per-image: one NAME/ID.npy per line ID of {split}_ids.txt, as the published COCO "
+    "loader reads them (default: as the split was imported, else whole-split).",
+)
+@click.option(
+    "--features-dir",
+    metavar="NAME",
+    help=f"Folder of the per-image files in the output (default: as imported, else {DEFAULT_FEATURES_DIR}).",
+)
+def export_command(cache, out, splits, captions, captions_per_image, region_features, features_dir) -> None:
+    """Export splits of CACHE as a SCAN/3SHNet precomputed set: {split}_ims.npy or per-image
+    coco_region_features/ID.npy files (stage regions), {split}_segmentations.npy,
+    {split}_seg_maps.npy, {split}_cat_onehots.npy (stage layout), {split}_ids.txt and
+    {split}_caps.txt, in the caption file's image order."""
     opened = Cache(cache)
-    requests = [captions_split(opened, captions, split, captions_per_image) if captions else imported_split(opened, split) for split in splits]
+    requests = [
+        (captions_split(opened, captions, split, captions_per_image) if captions else imported_split(opened, split)).with_region_layout(
+            region_features, features_dir
+        )
+        for split in splits
+    ]
     for split, request in zip(splits, requests):
         written = export_split(opened, request, out, log=_log)
         click.echo(f"split '{split}': {len(request.image_ids)} images -> {', '.join(str(p) for p in written)}")
