@@ -1,9 +1,13 @@
-"""`shnet evaluate` on trained run directories, checkpoints, ensembles and saved similarity matrices."""
+"""`shnet evaluate` on trained run directories, checkpoints, ensembles and saved similarity results
+(plain matrices, and the published {'npts', 'sims'} files, read here as the published ensemble reads them)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import pickletools
+import re
 import shutil
 
 import numpy as np
@@ -163,3 +167,105 @@ def test_a_bert_run_trains_and_evaluates_without_its_folder(runs, tmp_path):
     assert [g["lr"] for g in groups] == [pytest.approx(1e-2), pytest.approx(1e-3)]
     shutil.rmtree(bert_folder)  # the checkpoint carries the tokenizer and the BERT architecture
     assert list(json.loads(evaluate(run, "--json"))) == ["full"]
+
+
+def published_ensemble_inputs(paths):
+    """What the published eval_ensemble (lib/evaluation_rgn_seg_sp_se.py) does with results files
+    before it ranks: its loads, its npts check, its mean."""
+    all_sims = []
+    all_npts = []
+    for sim_path in paths:
+        results = np.load(sim_path, allow_pickle=True).tolist()
+        npts = results["npts"]
+        sims = results["sims"]
+        all_npts.append(npts)
+        all_sims.append(sims)
+    all_npts = np.array(all_npts)
+    all_sims = np.array(all_sims)
+    assert np.all(all_npts == all_npts[0])
+    npts = int(all_npts[0])
+    sims = all_sims.mean(axis=0)
+    return npts, sims
+
+
+def pickle_globals(path) -> set[str]:
+    with open(path, "rb") as handle:
+        np.lib.format.read_magic(handle)
+        np.lib.format.read_array_header_1_0(handle)
+        payload = handle.read()
+    ops = list(pickletools.genops(payload))
+    assert not [op for op, _, _ in ops if op.name == "STACK_GLOBAL"]
+    return {arg for op, arg, _ in ops if op.name == "GLOBAL"}
+
+
+def test_3shnet_results_read_as_the_published_ensemble_reads_them(runs, tmp_path):
+    direct = json.loads(evaluate(runs / "run0", "--json", "--save-sims", tmp_path / "plain0.npy"))
+    evaluate(runs / "run0", "--save-sims", tmp_path / "run0_results", "--sims-layout", "3shnet")  # .npy appended, as np.save does
+    evaluate(runs / "run1", "--save-sims", tmp_path / "run1_results.npy", "--sims-layout", "3shnet")
+    paths = [os.path.join(str(tmp_path), "run0_results.npy"), os.path.join(str(tmp_path), "run1_results.npy")]
+
+    first = np.load(paths[0], allow_pickle=True).tolist()
+    assert type(first["npts"]) is int and first["npts"] == TEST_IMAGES
+    assert first["sims"].dtype == np.float64 and first["sims"].shape == (TEST_IMAGES, 5 * TEST_IMAGES)  # as the published evalrank saves it
+    np.testing.assert_array_equal(first["sims"], np.load(tmp_path / "plain0.npy").astype(np.float64))
+    npts, mean = published_ensemble_inputs(paths)
+    assert npts == TEST_IMAGES
+    # numpy 1.x names only: the published environment (numpy 1.21) has no numpy._core to unpickle from
+    assert pickle_globals(paths[0]) == {"numpy.core.multiarray _reconstruct", "numpy ndarray", "numpy dtype"}
+
+    assert json.loads(evaluate("--sims", paths[0], "--json")) == direct
+    # a mix: shnet's results file, a plain matrix, and a file as the published code writes it (np.save of the dict)
+    np.save(tmp_path / "published.npy", {"npts": TEST_IMAGES, "sims": mean})
+    evaluate("--sims", paths[0], tmp_path / "plain0.npy", tmp_path / "published.npy", "--save-sims", tmp_path / "mixed.npy")
+    expected = (first["sims"] * 2 + mean) / 3
+    np.testing.assert_allclose(np.load(tmp_path / "mixed.npy"), expected, rtol=1e-6, atol=1e-6)
+    assert published_ensemble_inputs([tmp_path / "published.npy", paths[1]])[0] == TEST_IMAGES
+
+
+class RunsAShellCommand:
+    """Pickles into a call of os.system: a results file made with it runs the command when np.load
+    unpickles it."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_results_files_that_are_not_the_published_dict_are_refused_unrun(runs, tmp_path):
+    marker = tmp_path / "it-ran"
+    np.save(tmp_path / "hostile.npy", {"npts": TEST_IMAGES, "sims": RunsAShellCommand(marker)}, allow_pickle=True)
+    with pytest.raises(ShnetError, match=r"hostile\.npy .*asks to load posix\.system.*never runs other pickled code"):
+        evaluate("--sims", tmp_path / "hostile.npy")
+    assert not marker.exists()
+    np.load(tmp_path / "hostile.npy", allow_pickle=True)  # what the file would do if unpickled plainly
+    assert marker.exists()
+
+    sims = np.random.default_rng(0).random((TEST_IMAGES, 5 * TEST_IMAGES))
+    refusals = {
+        "extra.npy": ({"npts": TEST_IMAGES, "sims": sims, "note": "x"}, r"holds \['note', 'npts', 'sims'\]; a published results file holds a dict of exactly"),
+        "text-npts.npy": ({"npts": "16", "sims": sims}, r"'npts' is '16'; it is the number of images"),
+        "words.npy": ({"npts": 2, "sims": np.array([["a"] * 10] * 2)}, r"'sims' is a <U1 array of shape \(2, 10\)"),
+        "inconsistent.npy": ({"npts": TEST_IMAGES - 1, "sims": sims}, rf"'npts' is {TEST_IMAGES - 1} but 'sims' has {TEST_IMAGES} image rows"),
+    }
+    for name, (results, message) in refusals.items():
+        np.save(tmp_path / name, results, allow_pickle=True)
+        with pytest.raises(ShnetError, match=rf"{re.escape(name)}.*{message}"):
+            evaluate("--sims", tmp_path / name)
+    np.save(tmp_path / "list.npy", np.array([1, "a"], dtype=object), allow_pickle=True)
+    with pytest.raises(ShnetError, match=r"list\.npy holds an object array of shape \(2,\)"):
+        evaluate("--sims", tmp_path / "list.npy")
+    (tmp_path / "notes.npy").write_text("not an array")
+    with pytest.raises(ShnetError, match=r"notes\.npy is not a \.npy similarity matrix or results file"):
+        evaluate("--sims", tmp_path / "notes.npy")
+
+    np.save(tmp_path / "a.npy", {"npts": TEST_IMAGES, "sims": sims})
+    np.save(tmp_path / "b.npy", {"npts": 8, "sims": sims[:8, :40]})
+    with pytest.raises(ShnetError, match=r"b\.npy holds npts 8, .*a\.npy npts 16; ensembled results must be of one split"):
+        evaluate("--sims", tmp_path / "a.npy", tmp_path / "b.npy")
+    np.save(tmp_path / "small.npy", sims[:8, :40].astype(np.float32))
+    with pytest.raises(ShnetError, match=r"small\.npy has shape \(8, 40\), .*a\.npy has \(16, 80\)"):
+        evaluate("--sims", tmp_path / "a.npy", tmp_path / "small.npy")
+    with pytest.raises(ShnetError, match="--sims-layout 3shnet says how --save-sims writes; add --save-sims FILE"):
+        evaluate("--sims", tmp_path / "a.npy", "--sims-layout", "3shnet")

@@ -11,6 +11,7 @@ from click.core import ParameterSource
 from ..errors import ShnetError
 from .metrics import PROTOCOLS
 from .options import LEVELS, SEG_MAP_MODES, TEXT_ENCODERS, TrainOptions
+from .similarity_files import SIMS_LAYOUTS
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainOptions) if f.default is not dataclasses.MISSING}
 
@@ -96,7 +97,12 @@ def train_command(ctx: click.Context, resume: bool, **params) -> None:
 @click.command("evaluate")
 @click.argument("sources", nargs=-1, required=True)
 @click.option("--ensemble", is_flag=True, help="SOURCES are several runs/checkpoints: average their similarity matrices.")
-@click.option("--sims", is_flag=True, help="SOURCES are saved .npy similarity matrices (images x captions); several are averaged.")
+@click.option(
+    "--sims",
+    is_flag=True,
+    help="SOURCES are saved .npy similarity results (plain images x captions matrices, or the published {'npts', 'sims'} files); "
+    "several are averaged.",
+)
 @click.option(
     "--captions",
     type=click.Path(dir_okay=False),
@@ -116,9 +122,16 @@ def train_command(ctx: click.Context, resume: bool, **params) -> None:
 @click.option("--workers", type=int, default=2, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--save-sims", type=click.Path(dir_okay=False), help="Save the (mean) similarity matrix as .npy.")
+@click.option(
+    "--sims-layout",
+    type=click.Choice(SIMS_LAYOUTS),
+    default="plain",
+    show_default=True,
+    help="--save-sims file: plain (float32 matrix) or 3shnet (the published {'npts', 'sims'} dict its eval_ensemble.py reads).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON ({protocol: {i2t, t2i, rsum}}) instead of the table.")
 def evaluate_command(
-    sources, ensemble, sims, captions, caches, split, protocol, bert_path, batch_size, workers, device, save_sims, as_json
+    sources, ensemble, sims, captions, caches, split, protocol, bert_path, batch_size, workers, device, save_sims, sims_layout, as_json
 ) -> None:
     """Retrieval metrics of RUN_OR_CHECKPOINT (a run directory means its best.pth), of an --ensemble of
     runs, or of saved --sims matrices: R@1/5/10 both ways, medr, meanr, rSum."""
@@ -127,6 +140,8 @@ def evaluate_command(
 
     if sims and ensemble:
         raise ShnetError("--sims and --ensemble exclude each other (several --sims files are averaged anyway)")
+    if sims_layout != "plain" and not save_sims:
+        raise ShnetError(f"--sims-layout {sims_layout} says how --save-sims writes; add --save-sims FILE")
     if sims:
         ignored = [name for name, value in (("--captions", captions), ("--cache", caches), ("--bert-path", bert_path)) if value]
         if ignored:
@@ -142,7 +157,7 @@ def evaluate_command(
         matrix, results = evaluation.sims, evaluation.results
         label = f"split '{split}' of {evaluation.captions.source}: {evaluation.captions.num_images} images"
     if save_sims:
-        _log(f"similarities saved to {save_similarities(save_sims, matrix)}")
+        _log(f"similarities saved to {save_similarities(save_sims, matrix, sims_layout)}")
     if as_json:
         click.echo(results_json(results))
     else:

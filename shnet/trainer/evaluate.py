@@ -2,7 +2,8 @@
 
 An ensemble (e.g. the hybrid region + grid result) averages the similarity matrices of several
 models; ``--sims`` files saved here or by other codebases (images x captions, each image's 5
-captions consecutive) are averaged the same way.
+captions consecutive: plain matrices, or the published code's ``{'npts', 'sims'}`` results, see
+:mod:`shnet.trainer.similarity_files`) are averaged the same way.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .checkpoint import LoadedModel, load_model
 from .data import FeatureIndex, FeatureReader, caption_loader, image_loader, match_split
 from .device import resolve_device
 from .metrics import CAPTIONS_PER_IMAGE, protocol_metrics
+from .similarity_files import read_similarities, write_published
 
 CHECKPOINT_PREFERENCE = ("best.pth", "last.pth")
 _SIMILARITY_ROWS = 1024  # image rows scored at once (bounds device memory)
@@ -157,24 +159,32 @@ class MeanMatrix:
 
 
 def load_similarities(paths: Sequence[str | Path]) -> np.ndarray:
-    """The mean of saved similarity matrices (each images x captions, each image's captions consecutive)."""
+    """The mean of saved similarity matrices (each images x captions, each image's captions
+    consecutive), plain or published results files in any mix; their image counts must agree."""
     mean = MeanMatrix()
+    first_npts: tuple[Path, int] | None = None  # the first file that states npts
     for path in paths:
         path = Path(path).expanduser()
-        try:
-            sims = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise ShnetError(f"{path}: not a readable .npy similarity matrix ({exc})") from exc
-        mean.add(sims, str(path))
+        saved = read_similarities(path)
+        if saved.npts is not None and first_npts is None:
+            first_npts = (path, saved.npts)
+        elif saved.npts is not None and saved.npts != first_npts[1]:
+            raise ShnetError(f"{path} holds npts {saved.npts}, {first_npts[0]} npts {first_npts[1]}; ensembled results must be of one split")
+        mean.add(saved.sims, str(path))
     return mean.value()
 
 
-def save_similarities(path: str | Path, sims: np.ndarray) -> Path:
+def save_similarities(path: str | Path, sims: np.ndarray, layout: str = "plain") -> Path:
+    """``plain``: the float32 matrix; ``3shnet``: the published ``{'npts', 'sims'}`` results file,
+    which the published ``eval_ensemble`` reads beside its own."""
     path = Path(path).expanduser()
     if path.suffix != ".npy":
         path = path.with_name(path.name + ".npy")
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.save(path, sims.astype(np.float32))
+    if layout == "3shnet":
+        write_published(path, sims)
+    else:
+        np.save(path, sims.astype(np.float32))
     return path
 
 
