@@ -91,7 +91,8 @@ def train_command(ctx: click.Context, resume: bool, **params) -> None:
         raise ShnetError("shnet train needs --cache CACHE_DIR (repeatable) and --captions FILE (unless a cache holds its captions)")
     options = TrainOptions(**params)
     summary = train(options, resume=resume, explicit=explicit, log=_log)
-    click.echo(f"best validation rSum {summary['best_rsum']:.2f} at epoch {summary['best_epoch']}; run in {summary['run_dir']}")
+    if summary["rank"] == 0:
+        click.echo(f"best validation rSum {summary['best_rsum']:.2f} at epoch {summary['best_epoch']}; run in {summary['run_dir']}")
 
 
 @click.command("evaluate")

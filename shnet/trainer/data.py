@@ -368,13 +368,15 @@ class EpochBatchSampler(Sampler):
     """Shuffled batches of (epoch, index) keys; the order is a function of (seed, epoch) only.
 
     The last incomplete batch is dropped (BatchNorm needs more than one sample, and every step
-    then sees a full batch of negatives), as in the reference training code.
+    then sees a full batch of negatives), as in the reference training code. With ``ranks`` > 1,
+    ``batch_size`` is the global batch and this rank gets its ``rank``-th equal slice of each.
     """
 
-    def __init__(self, size: int, batch_size: int, seed: int):
+    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, ranks: int = 1):
         if size < batch_size:
             raise ShnetError(f"the training split has {size} captions, fewer than one batch of {batch_size}; lower --batch-size")
         self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.rank, self.share = rank, batch_size // ranks
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -386,7 +388,8 @@ class EpochBatchSampler(Sampler):
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         order = np.random.default_rng((self.seed, self.epoch)).permutation(self.size)
         for b in range(len(self)):
-            yield [(self.epoch, int(i)) for i in order[b * self.batch_size : (b + 1) * self.batch_size]]
+            start = b * self.batch_size + self.rank * self.share
+            yield [(self.epoch, int(i)) for i in order[start : start + self.share]]
 
 
 def collate_images(images: Sequence[dict]) -> dict[str, torch.Tensor]:
@@ -448,10 +451,13 @@ def _own_generator() -> torch.Generator:
     return torch.Generator().manual_seed(0)
 
 
-def train_loader(dataset: TrainPairs, batch_size: int, workers: int, seed: int, pin_memory: bool = False) -> DataLoader:
+def train_loader(
+    dataset: TrainPairs, batch_size: int, workers: int, seed: int, pin_memory: bool = False, rank: int = 0, ranks: int = 1
+) -> DataLoader:
+    """Batches of ``batch_size`` pairs, or this rank's share of them when ``ranks`` processes train."""
     return DataLoader(
         dataset,
-        batch_sampler=EpochBatchSampler(len(dataset), batch_size, seed),
+        batch_sampler=EpochBatchSampler(len(dataset), batch_size, seed, rank, ranks),
         num_workers=workers,
         collate_fn=PairCollate(dataset.tokenizer.pad_id),
         pin_memory=pin_memory,

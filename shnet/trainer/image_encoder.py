@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ShnetError
+from . import distributed
+from .distributed import BatchAlignedDropout, batch_norm_rows
 from .gpo import GPO, l2norm, length_mask, positional_encoding_1d
 from .options import SEG_MAP_MODES
 
@@ -43,12 +45,28 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
     """
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-        if valid is None or not self.training:
+        if not self.training:
             return super().forward(x)
-        normed = super().forward(x[valid])
+        if valid is None:
+            return self._train_forward(x)
+        normed = self._train_forward(x[valid])
         out = normed.new_zeros((x.shape[0], normed.shape[1]))
         out[valid] = normed
         return out
+
+    def _train_forward(self, rows: torch.Tensor) -> torch.Tensor:
+        """Batch statistics of every rank's rows when training runs on several (see :mod:`.distributed`)."""
+        return batch_norm_rows(self, rows) if distributed.active() else super().forward(rows)
+
+
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose train-mode statistics span every rank's batch when training runs on several."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and distributed.active()):
+            return super().forward(x)
+        rows = batch_norm_rows(self, x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]))
+        return rows.view(x.shape[0], x.shape[2], x.shape[3], x.shape[1]).permute(0, 3, 1, 2)
 
 
 class MLP(nn.Module):
@@ -84,7 +102,7 @@ def _class_embedding(num_classes: int, embed_size: int, *prefix: nn.Module) -> n
     """``prefix`` -> Linear(C, D) -> ReLU -> Dropout(0.1) -> LayerNorm(D), the reference's embedding of
     class vectors; ``prefix`` (parameter-free reshaping) keeps the reference's module indices."""
     return nn.Sequential(
-        *prefix, nn.Linear(num_classes, embed_size), nn.ReLU(), nn.Dropout(p=0.1), nn.LayerNorm(embed_size)
+        *prefix, nn.Linear(num_classes, embed_size), nn.ReLU(), BatchAlignedDropout(p=0.1), nn.LayerNorm(embed_size)
     )
 
 
@@ -121,7 +139,7 @@ class SpatialHighlighting(nn.Module):
         super().__init__()
         self.MLP_image = MLP(embed_size, embed_size // 2, SPATIAL_DIM)
         self.embedding_Seg = nn.Sequential(
-            nn.Conv2d(9, SPATIAL_DIM, kernel_size=3, stride=1, padding=1), nn.BatchNorm2d(SPATIAL_DIM), nn.ReLU()
+            nn.Conv2d(9, SPATIAL_DIM, kernel_size=3, stride=1, padding=1), GlobalBatchNorm2d(SPATIAL_DIM), nn.ReLU()
         )
         self.embed_fusion = MLP(SPATIAL_DIM, embed_size // 2, embed_size)
         codes = positional_encoding_1d(8, SEG_MAP_SIZE * SEG_MAP_SIZE)

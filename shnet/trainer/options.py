@@ -17,7 +17,8 @@ SEG_MAP_MODES = ("raw", "normalised")
 
 # Options that describe where and how fast a run executes, not what it computes (``caches``: where
 # the features lie): a resumed run may change these; every other option is the run's recipe.
-RUNTIME_OPTIONS = ("output", "caches", "epochs", "workers", "in_memory", "device", "progress")
+# ``world_size`` is not an option but the number of training processes the launcher started.
+RUNTIME_OPTIONS = ("output", "caches", "epochs", "workers", "in_memory", "device", "progress", "world_size")
 
 
 @dataclass
@@ -52,6 +53,7 @@ class TrainOptions:
     in_memory: bool = False
     device: str = "auto"
     progress: bool = True
+    world_size: int = 1
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -25,8 +25,10 @@ from torch import nn
 from ..errors import ShnetError
 from .captions import CaptionSet, captions_source, read_captions, select_split
 from .checkpoint import load_model, save_checkpoint
+from . import distributed
 from .data import FeatureIndex, FeatureReader, TrainPairs, match_split, train_loader
 from .device import autocast, resolve_device
+from .distributed import gather_rows
 from .evaluate import encode_split, similarity_matrix
 from .loss import HingeTripletLoss
 from .metrics import CAPTIONS_PER_IMAGE, RECALL_AT, retrieval_metrics
@@ -145,6 +147,7 @@ def validate(model: SHNet, reader: FeatureReader, captions: CaptionSet, tokenize
 
 
 def train_one_epoch(model, loader, optimizer, loss_fn, hardest: bool, options: TrainOptions, device: torch.device, epoch: int) -> float:
+    """One epoch; ``model`` may be a DistributedDataParallel wrapper: the loss then spans the global batch."""
     from tqdm import tqdm
 
     model.train()
@@ -156,7 +159,7 @@ def train_one_epoch(model, loader, optimizer, loss_fn, hardest: bool, options: T
         tokens = batch["tokens"].to(device, non_blocking=True)
         with autocast(device):
             image_embeddings, text_embeddings = model(images, tokens, batch["token_lengths"])
-        loss = loss_fn(image_embeddings.float(), text_embeddings.float(), hardest)
+        loss = loss_fn(gather_rows(image_embeddings.float()), gather_rows(text_embeddings.float()), hardest)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if options.grad_clip > 0:
@@ -195,8 +198,28 @@ def train(options: TrainOptions, resume: bool = False, explicit: set[str] | None
     """Train (or, with ``resume``, continue) the run in ``options.output``; returns a summary.
 
     ``explicit``: the option names the user set on this invocation (a resumed run accepts changes to
-    :data:`RUNTIME_OPTIONS` only).
+    :data:`RUNTIME_OPTIONS` only). Under torchrun or srun every process calls this: each trains on
+    its share of every global batch, rank 0 alone validates, logs and writes the run directory.
     """
+    world = distributed.world_from_environment()
+    if options.batch_size % world.size:
+        if not world.is_main:
+            sys.exit(1)  # rank 0 says why
+        raise ShnetError(
+            f"--batch-size {options.batch_size} is the global batch and does not split evenly over {world.size} processes; "
+            f"give a multiple of {world.size}"
+        )
+    try:
+        return _train(options, resume, explicit, log if world.is_main else _silent, world)
+    finally:
+        distributed.stop()
+
+
+def _silent(message: str) -> None:
+    """The log of ranks other than 0 (rank 0 speaks for the job)."""
+
+
+def _train(options: TrainOptions, resume: bool, explicit: set[str] | None, log: Callable[[str], None], world: distributed.World) -> dict:
     run_dir = Path(options.output).expanduser()
     last = run_dir / LAST
     if resume:
@@ -206,8 +229,9 @@ def train(options: TrainOptions, resume: bool = False, explicit: set[str] | None
         options = resumed_options(checkpoint.extra["options"], options, explicit or set())
     elif last.exists():
         raise ShnetError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --output")
+    options.world_size = world.size
     options.check()
-    device = resolve_device(options.device)
+    device = distributed.start(world, resolve_device(options.device))
     seed_everything(options.seed)
 
     options.captions = captions_source(options.captions, options.caches)
@@ -238,6 +262,9 @@ def train(options: TrainOptions, resume: bool = False, explicit: set[str] | None
         model = build_model(config)
     index.check_model_fits(config, checkpoint.extra.get("class_order") if resume else None, "the run's model")
     model.to(device)
+    trained = model
+    if world.distributed:
+        trained = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
     groups = parameter_groups(model, options.lr, options.bert_lr_factor)
     optimizer = torch.optim.AdamW(groups, lr=options.lr, weight_decay=options.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[options.lr_update], gamma=options.lr_decay)
@@ -253,28 +280,33 @@ def train(options: TrainOptions, resume: bool = False, explicit: set[str] | None
         else:
             log(f"resuming {run_dir} at epoch {start_epoch} (best rSum {best_rsum:.2f} at epoch {best_epoch})")
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / OPTIONS).write_text(json.dumps({"options": options.to_dict(), "model": config.to_dict()}, indent=2) + "\n")
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / OPTIONS).write_text(json.dumps({"options": options.to_dict(), "model": config.to_dict()}, indent=2) + "\n")
     reader, val_reader = index.reader(train_set.images), index.reader(val_set.images)
     if options.in_memory:
         reader.load_in_memory()
-        val_reader.load_in_memory()
+        if world.is_main:
+            val_reader.load_in_memory()
     pairs = TrainPairs(reader, train_set, tokenizer, options.seed, options.region_dropout)
-    loader = train_loader(pairs, options.batch_size, options.workers, options.seed, pin_memory=device.type == "cuda")
+    loader = train_loader(pairs, options.batch_size, options.workers, options.seed, device.type == "cuda", world.rank, world.size)
     loss_fn = HingeTripletLoss(options.margin)
-    run_log = RunLog(run_dir, keep_epochs=start_epoch)
+    run_log = RunLog(run_dir, keep_epochs=start_epoch) if world.is_main else None
+    where = f"{world.size} processes ({device.type}, {options.batch_size // world.size} samples each)" if world.distributed else str(device)
     log(
         f"training the {options.level} model on {train_set.num_images} images / {len(train_set.captions)} captions, "
-        f"validating on {val_set.num_images} images; {len(loader)} steps per epoch on {device}"
+        f"validating on {val_set.num_images} images; {len(loader)} steps per epoch on {where}"
     )
     try:
         for epoch in range(start_epoch, options.epochs):
             started = time.perf_counter()
             hardest = epoch >= options.max_violation_after
             lr = optimizer.param_groups[0]["lr"]
-            train_loss = train_one_epoch(model, loader, optimizer, loss_fn, hardest, options, device, epoch)
-            val = validate(model, val_reader, val_set, tokenizer, options, device)
+            train_loss = train_one_epoch(trained, loader, optimizer, loss_fn, hardest, options, device, epoch)
             scheduler.step()
+            if not world.is_main:
+                continue
+            val = validate(model, val_reader, val_set, tokenizer, options, device)
             is_best = val["rsum"] > best_rsum
             if is_best:
                 best_rsum, best_epoch = val["rsum"], epoch
@@ -308,7 +340,8 @@ def train(options: TrainOptions, resume: bool = False, explicit: set[str] | None
                 f"{record['seconds']:.0f}s"
             )
     finally:
-        run_log.close()
+        if run_log is not None:
+            run_log.close()
         reader.close()
         val_reader.close()
-    return {"run_dir": str(run_dir), "best_rsum": best_rsum, "best_epoch": best_epoch, "epochs": options.epochs}
+    return {"run_dir": str(run_dir), "best_rsum": best_rsum, "best_epoch": best_epoch, "epochs": options.epochs, "rank": world.rank}
