@@ -240,3 +240,16 @@ def test_encode_takes_the_captions_a_cache_holds(trained, tmp_path):
     assert report.totals == {"images": 12, "captions": len(captions)} and len(captions) == 60
     stored = pd.read_parquet(tmp_path / "emb" / "captions")
     assert list(stored["caption"]) == list(captions["caption"])
+
+
+def test_a_run_is_refused_on_layout_arrays_of_another_class_order(trained, tmp_path):
+    import shutil
+
+    shutil.copytree(trained / "cache", tmp_path / "cache")
+    cache = Cache(tmp_path / "cache")
+    cache.record["stages"]["layout"]["config"]["class_order"] = "upsnet"
+    cache.save_record()
+    with pytest.raises(ShnetError, match="trained on layout arrays in class order 'coco'.*layout.class_order=coco"):
+        encode(EncodeRequest(str(trained / "run"), [str(tmp_path / "cache")], str(tmp_path / "emb")), log=lambda m: None)
+    result = CliRunner().invoke(main, ["evaluate", str(trained / "run"), "--cache", str(tmp_path / "cache"), "--split", "val"])
+    assert result.exit_code == 1 and "class order 'coco'" in result.output

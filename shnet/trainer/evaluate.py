@@ -107,11 +107,7 @@ def model_similarities(
     captions_path, caches = _data_sources(loaded, checkpoint, request)
     config = loaded.config
     index = FeatureIndex(caches, config.level)
-    if (index.feature_dim, index.num_classes) != (config.region_dim, config.num_classes):
-        raise ShnetError(
-            f"{checkpoint} takes {config.region_dim}-d {config.level} features and {config.num_classes} classes; "
-            f"the caches ({', '.join(caches)}) give {index.feature_dim}-d and {index.num_classes}"
-        )
+    index.check_model_fits(config, loaded.extra.get("class_order"), str(checkpoint))
     captions = match_split(select_split(read_captions(captions_path), request.split), index, "error", log)
     captions.require_captions_per_image(CAPTIONS_PER_IMAGE)
     reader = index.reader(captions.images)
