@@ -123,44 +123,47 @@ def main() -> None:
             print(f"model training on {device.type}{' (bf16 autocast)' if device.type == 'cuda' else ''}: {rate:.1f} samples/s")
 
         # 3. Real steps fed by the HDF5 loader: how long does each step wait for its batch?
-        loader = train_loader(pairs, args.batch_size, args.workers, seed=0)
         device = devices[-1]
         torch.manual_seed(0)
         model = build_model(config).to(device).train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=1e-4)
-        loss_fn = HingeTripletLoss(0.2)
-        waited = total = 0.0
-        steps, epoch = 0, 1
-        loader.batch_sampler.set_epoch(epoch)
-        iterator = iter(loader)
-        next(iterator)  # the first batch pays for worker start-up: not a steady-state step
-        while steps < args.steps:
-            step_started = time.perf_counter()
-            try:
-                batch = next(iterator)
-            except StopIteration:
-                epoch += 1
-                loader.batch_sampler.set_epoch(epoch)
-                iterator = iter(loader)
-                continue
-            got_batch = time.perf_counter()
-            images = {k: v.to(device, non_blocking=True) for k, v in batch["images"].items()}
-            with autocast(device):
-                a, b = model(images, batch["tokens"].to(device), batch["token_lengths"])
-            loss = loss_fn(a.float(), b.float(), True)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
-            optimizer.step()
-            float(loss.detach())  # synchronises with the GPU
-            waited += got_batch - step_started
-            total += time.perf_counter() - step_started
-            steps += 1
-        print(
-            f"training fed by the loader on {device.type}: {steps * args.batch_size / total:.1f} samples/s, "
-            f"{waited / steps * 1000:.1f} ms of {total / steps * 1000:.1f} ms per step waiting for data"
-        )
-        print(f"data_bound_fraction={waited / total:.3f}")
+        rate, waited = fed_training(model, train_loader(pairs, args.batch_size, args.workers, seed=0), device, args.steps)
+        print(f"training fed by the loader on {device.type}: {rate:.1f} samples/s, {waited:.1%} of the step time waiting for data")
+        print(f"data_bound_fraction={waited:.3f}")
+
+
+def fed_training(model, loader, device, steps: int) -> tuple[float, float]:
+    """Training steps fed by ``loader``: (samples/s, share of the step time spent waiting for a batch).
+    The first batch pays for worker start-up and is not timed; the loader wraps round its epochs."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=1e-4)
+    loss_fn = HingeTripletLoss(0.2)
+    waited = total = 0.0
+    done, samples, epoch = 0, 0, 1
+    loader.batch_sampler.set_epoch(epoch)
+    iterator = iter(loader)
+    next(iterator)
+    while done < steps:
+        step_started = time.perf_counter()
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            epoch += 1
+            loader.batch_sampler.set_epoch(epoch)
+            iterator = iter(loader)
+            continue
+        got_batch = time.perf_counter()
+        images = {k: v.to(device, non_blocking=True) for k, v in batch["images"].items()}
+        with autocast(device):
+            a, b = model(images, batch["tokens"].to(device), batch["token_lengths"])
+        loss = loss_fn(a.float(), b.float(), True)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
+        optimizer.step()
+        float(loss.detach())  # synchronises with the GPU
+        waited += got_batch - step_started
+        total += time.perf_counter() - step_started
+        done, samples = done + 1, samples + len(batch["tokens"])
+    return samples / total, waited / total
 
 
 if __name__ == "__main__":
