@@ -12,6 +12,7 @@ import io
 import pickle
 import pickletools
 import zipfile
+from stat import S_ISREG
 from pathlib import Path
 from typing import Mapping
 
@@ -23,10 +24,21 @@ from .errors import CheckpointMismatchError, ShnetError
 _SHA_CACHE: dict[tuple[str, float, int], str] = {}
 
 
+def regular_file(path: Path) -> Path:
+    """``path`` when it is a non-empty regular file: a device (/dev/zero), a FIFO or a socket given
+    as weights would be read forever or block, so they are refused before any read."""
+    info = path.stat()
+    if not S_ISREG(info.st_mode):
+        raise ShnetError(f"{path}: not a regular file (a device, FIFO or socket); give a weights file or a model folder")
+    if info.st_size == 0:
+        raise ShnetError(f"{path}: the file is empty; copy the weights file again")
+    return path
+
+
 def file_sha256(path: str | Path) -> str:
     """sha256 of a file (of every file, sorted by name, for a folder); memoised per (path, mtime, size)."""
     path = Path(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [regular_file(path)]
     stat = [(str(f), f.stat().st_mtime, f.stat().st_size) for f in files]
     key = (str(path), max((s[1] for s in stat), default=0.0), sum(s[2] for s in stat))
     if key not in _SHA_CACHE:
@@ -85,11 +97,11 @@ class _ArraysOnlyUnpickler(pickle.Unpickler):
 
 def load_pickle_arrays(path: str | Path):
     """Load a ``.pkl`` holding numpy arrays in plain containers (the detectron2 model-zoo format)."""
-    with open(path, "rb") as fh:
+    with open(regular_file(Path(path)), "rb") as fh:
         data = fh.read()
     try:
         return _ArraysOnlyUnpickler(io.BytesIO(data), encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as exc:
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
         raise ShnetError(f"{path}: not a weights pickle shnet can read safely ({exc})") from exc
 
 
@@ -103,6 +115,7 @@ def load_weights_file(path: str | Path, extra_safe_globals: tuple = ()) -> objec
             if (path / name).exists():
                 return load_weights_file(path / name)
         raise ShnetError(f"{path}: a model folder needs model.safetensors or pytorch_model.bin")
+    regular_file(path)
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -118,7 +131,7 @@ def load_weights_file(path: str | Path, extra_safe_globals: tuple = ()) -> objec
             with torch.serialization.safe_globals(list(extra_safe_globals)):
                 return torch.load(path, map_location="cpu", weights_only=True)
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
         raise ShnetError(f"{path}: {describe_unloadable(path)}") from exc
 
 

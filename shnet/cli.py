@@ -10,6 +10,7 @@ from importlib import import_module, util
 import click
 
 from .errors import ShnetError
+from .fileio import terminal_safe
 
 
 # Commands defined in other modules, imported only when run or asked for their own help, so that
@@ -99,7 +100,8 @@ def _csv(_ctx, _param, value):
 @click.option("--shard-size", type=click.IntRange(min=1), help="Images per shard (default 1000; fixed when the cache is created).")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1), help="Images per model call.")
 @click.option("--sample", is_flag=True, help="Extract the small sample image set bundled with shnet.")
-def extract(image_dirs, cache, stages, profile, overrides, workers, threads_per_worker, scheduler, device, shard_size, batch_size, sample):
+@click.option("--refuse-damaged", is_flag=True, help="Stop on a done shard whose files no longer match its done marker (default: redo it).")
+def extract(image_dirs, cache, stages, profile, overrides, workers, threads_per_worker, scheduler, device, shard_size, batch_size, sample, refuse_damaged):
     """Precompute features of every image in IMAGE_DIRS into the shard cache."""
     from rich.console import Console
 
@@ -126,9 +128,12 @@ def extract(image_dirs, cache, stages, profile, overrides, workers, threads_per_
         device=device,
         shard_size=shard_size,
         batch_size=batch_size,
+        refuse_damaged=refuse_damaged,
     )
     report = run_extract(request)
     console = Console()
+    for stage, shard, problem in report.redone:
+        console.print(f"{stage} shard {shard} was damaged ({problem}); redone.", markup=False, highlight=False)
     if report.nothing_to_do:
         console.print(f"{report.cache}: every shard of {', '.join(report.stages)} is already complete; nothing to do.")
     else:
@@ -174,7 +179,7 @@ def inspect(cache, image_id, errors, as_json):
         else:
             console.print(f"{len(failed)} image(s) with errors" + (":" if len(failed) else ""))
             for row in failed.itertuples():
-                console.print(f"  {row.image_id}  {row.error}  ({row.path})", markup=False)
+                console.print(f"  {terminal_safe(row.image_id)}  {terminal_safe(row.error)}  ({terminal_safe(row.path)})", markup=False)
         return
     overview, stages = summarise_cache(store)
     if as_json:
@@ -192,8 +197,12 @@ def inspect(cache, image_id, errors, as_json):
         table.add_column(column, no_wrap=column != "arrays (per image)")
     for s in stages:
         arrays = "\n".join(f"{k} {'x'.join(map(str, v['shape'])) or 'scalar'} {v['dtype']}" for k, v in s.arrays.items())
-        table.add_row(s.name, f"{s.shards_done}/{s.shards_total}", str(s.images_ok), str(s.images_error), _human_bytes(s.bytes_on_disk), arrays)
+        shards = f"{s.shards_done}/{s.shards_total}" + (f" ({len(s.damaged)} unreadable)" if s.damaged else "")
+        table.add_row(s.name, shards, str(s.images_ok), str(s.images_error), _human_bytes(s.bytes_on_disk), arrays)
     console.print(table)
+    for s in stages:
+        for shard, problem in sorted(s.damaged.items()):
+            console.print(f"unreadable: {s.name} shard {shard}: {terminal_safe(problem)}; {store.redo_hint(s.name, shard)}", style="red", markup=False, highlight=False)
     for s in stages:
         if s.config:
             console.print(f"[bold]{s.name}[/bold]: " + "  ".join(f"{k}={_short(v)}" for k, v in s.config.items()), highlight=False)
@@ -207,16 +216,17 @@ def _short(value) -> str:
 
 @main.command()
 @click.argument("cache", type=click.Path(exists=True, file_okay=False))
-def verify(cache):
-    """Open every shard and check shapes and row counts against the tables; exit 1 on any problem."""
+@click.option("--quick", is_flag=True, help="Check the sizes done markers vouch for, not the sha256 of every file.")
+def verify(cache, quick):
+    """Open every shard and check it against its done marker and the tables; exit 1 on any problem."""
     from .cache.inspect import verify_cache
     from .cache.store import Cache
 
-    result = verify_cache(Cache(cache))
+    result = verify_cache(Cache(cache), quick=quick)
     for warning in result.warnings:
-        click.echo(f"warning: {warning}")
+        click.echo(f"warning: {terminal_safe(warning)}")
     for problem in result.problems:
-        click.secho(f"problem: {problem}", fg="red")
+        click.secho(f"problem: {terminal_safe(problem)}", fg="red")
     if result.problems:
         raise ShnetError(f"{cache}: {len(result.problems)} problem(s) in {result.checked_shards} checked shard(s)")
     click.echo(f"{cache}: {result.checked_shards} shard(s) verified, no problems.")

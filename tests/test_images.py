@@ -424,7 +424,8 @@ def test_symlink_to_a_file_is_followed(tmp_path):
     (root / "linked.jpg").symlink_to(target)
     (root / "dangling.jpg").symlink_to(tmp_path / "nowhere.jpg")
     found = discover_images([root]).set_index("image_id")
-    assert list(found.index) == ["linked", "own"]
+    assert list(found.index) == ["dangling", "linked", "own"]  # the dangling link: recorded, failed by the probe
+    assert found.loc["dangling", "bytes"] == -1
     assert found.loc["linked", "path"] == str(root / "linked.jpg")
     assert found.loc["linked", "bytes"] == target.stat().st_size
 

@@ -12,6 +12,7 @@ import torch
 
 from shnet.errors import ShnetError
 from shnet.cache import Cache, write_stage
+from shnet.cache.store import vouch
 from shnet.trainer.captions import match_images, read_captions, select_split
 from shnet.trainer.data import (
     FeatureIndex,
@@ -116,20 +117,26 @@ def test_cache_has_several_shards_and_index_shapes(cache):
     assert index.feature_dim == 16 and index.num_classes == 133 and len(index.image_ids) == 30
 
 
+def _rewrite_table(cache: Cache, stage: str, image_id: str, **values) -> None:
+    """Shard 0's table of ``stage`` with ``values`` for one image, as an extract would have written
+    it (its done marker vouching for the new file)."""
+    path = cache.table_path(stage, 0)
+    table = pd.read_parquet(path)
+    table.loc[table["image_id"] == image_id, list(values)] = list(values.values())
+    table.to_parquet(path)
+    marker = cache.done_marker(stage, 0)
+    marker["files"]["table/00000.parquet"] = vouch(path)
+    cache.done_path(stage, 0).write_text(json.dumps(marker))
+
+
 def test_failed_and_missing_images_are_reported(cache, tmp_path):
     root, captions_path = cache
     copy = tmp_path / "cache"
     import shutil
 
     shutil.copytree(root, copy)
-    table_path = Cache(copy).table_path("layout", 0)
-    table = pd.read_parquet(table_path)
-    table.loc[table["image_id"] == "img00002", ["status", "error"]] = ["error", "panoptic failed"]
-    table.to_parquet(table_path)
-    table_path = Cache(copy).table_path("regions", 0)
-    table = pd.read_parquet(table_path)
-    table.loc[table["image_id"] == "img00003", "num_boxes"] = 0
-    table.to_parquet(table_path)
+    _rewrite_table(Cache(copy), "layout", "img00002", status="error", error="panoptic failed")
+    _rewrite_table(Cache(copy), "regions", "img00003", num_boxes=0)
     frame = pd.read_csv(captions_path)
     frame = pd.concat([frame, pd.DataFrame({"image_id": ["ghost"] * 5, "caption": ["x"] * 5, "split": ["train"] * 5})])
     frame.to_csv(tmp_path / "captions.csv", index=False)

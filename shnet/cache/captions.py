@@ -13,6 +13,7 @@ from typing import Sequence
 import pandas as pd
 
 from ..errors import ShnetError
+from ..fileio import read_parquet
 from .store import Cache, atomic_write_parquet
 
 CAPTIONS_TABLE = "captions.parquet"
@@ -45,7 +46,7 @@ def cache_captions_path(cache: Cache) -> Path | None:
 
 def read_cache_captions(cache: Cache) -> pd.DataFrame | None:
     path = cache_captions_path(cache)
-    return None if path is None else pd.read_parquet(path)
+    return None if path is None else read_parquet(path, "the cache's captions", "re-import the cache (`shnet import`)")
 
 
 def stored_captions(cache_roots: Sequence[str | Path]) -> str | None:

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 import h5py
 import numpy as np
-import pandas as pd
 
+from ..errors import CacheError
 from .store import Cache
 
 
@@ -22,6 +22,7 @@ class StageSummary:
     arrays: dict  # name -> {"shape": per-image shape, "dtype": str}
     bytes_on_disk: int
     config: dict
+    damaged: dict = field(default_factory=dict)  # shard -> what is wrong (done marker present, files not as vouched)
 
 
 def summarise_cache(cache: Cache) -> tuple[dict, list[StageSummary]]:
@@ -40,18 +41,29 @@ def summarise_cache(cache: Cache) -> tuple[dict, list[StageSummary]]:
     }
     stages = []
     for name in cache.recorded_stages():
-        done = cache.done_shards(name)
+        damaged = cache.damaged_shards(name)
+        done = [shard for shard in cache.done_shards(name) if shard not in damaged]
         arrays, size, ok, errors = {}, 0, 0, 0
         for shard in done:
             marker = cache.done_marker(name, shard)
             ok += marker.get("ok", 0)
             errors += marker.get("errors", 0)
             size += cache.array_path(name, shard).stat().st_size + cache.table_path(name, shard).stat().st_size
-        if done:
-            with cache.open_arrays(name, done[0]) as h5:
-                arrays = {key: {"shape": list(h5[key].shape[1:]), "dtype": str(h5[key].dtype)} for key in h5}
-        stages.append(StageSummary(name, len(done), cache.num_shards, ok, errors, arrays, size, cache.stage_config(name) or {}))
+        arrays = _array_shapes(cache, name, done, damaged)
+        stages.append(StageSummary(name, len(done), cache.num_shards, ok, errors, arrays, size, cache.stage_config(name) or {}, damaged))
     return overview, stages
+
+
+def _array_shapes(cache: Cache, stage: str, done: list[int], damaged: dict) -> dict:
+    """Per-image shape and dtype of each array, from the first shard that opens (one that does not
+    is counted as damaged)."""
+    for shard in done:
+        try:
+            with cache.open_arrays(stage, shard) as h5:
+                return {key: {"shape": list(h5[key].shape[1:]), "dtype": str(h5[key].dtype)} for key in h5}
+        except CacheError as exc:
+            damaged[shard] = str(exc)
+    return {}
 
 
 def describe_image(cache: Cache, image_id: str) -> dict:
@@ -59,8 +71,6 @@ def describe_image(cache: Cache, image_id: str) -> dict:
     images = cache.images()
     match = images[images["image_id"] == image_id]
     if match.empty:
-        from ..errors import CacheError
-
         close = images["image_id"][images["image_id"].str.contains(image_id.split("/")[-1], regex=False)].head(5).tolist()
         raise CacheError(f"no image '{image_id}' in {cache.root}" + (f"; did you mean: {', '.join(close)}" if close else ""))
     info = {k: (v.item() if hasattr(v, "item") else v) for k, v in match.iloc[0].to_dict().items()}
@@ -70,7 +80,7 @@ def describe_image(cache: Cache, image_id: str) -> dict:
         if not cache.is_done(name, shard):
             stages[name] = "not extracted yet"
             continue
-        table = pd.read_parquet(cache.table_path(name, shard))
+        table = cache.shard_table(name, shard)
         entry = {k: (v.item() if hasattr(v, "item") else v) for k, v in table[table["row"] == row].iloc[0].to_dict().items()}
         with cache.open_arrays(name, shard) as h5:
             for key in h5:
@@ -92,8 +102,9 @@ class VerifyResult:
     warnings: list = field(default_factory=list)
 
 
-def verify_cache(cache: Cache) -> VerifyResult:
-    """Open every shard of every stage and check it against the tables and the plan."""
+def verify_cache(cache: Cache, quick: bool = False) -> VerifyResult:
+    """Open every shard of every stage and check it against its done marker (sizes and, unless
+    ``quick``, the sha256 of every file), the tables and the plan."""
     result = VerifyResult()
     images = cache.images()
     if images["image_id"].duplicated().any():
@@ -103,6 +114,7 @@ def verify_cache(cache: Cache) -> VerifyResult:
     leftovers = list(cache.root.rglob("*.tmp-*"))
     if leftovers:
         result.warnings.append(f"{len(leftovers)} temporary file(s) of an interrupted run (removed by the next extract), e.g. {leftovers[0]}")
+    unvouched = 0
     for name in cache.recorded_stages():
         for shard in range(cache.num_shards):
             if not cache.is_done(name, shard):
@@ -110,10 +122,18 @@ def verify_cache(cache: Cache) -> VerifyResult:
                     result.warnings.append(f"{name} shard {shard}: arrays present without a done marker (will be redone)")
                 continue
             result.checked_shards += 1
+            problem = cache.shard_problem(name, shard, content=not quick)
+            if problem:
+                result.problems.append(f"{name} shard {shard}: {problem}; {cache.redo_hint(name, shard)}")
+                if not cache.is_readable_marker(name, shard):
+                    continue
             result.problems += [f"{name} shard {shard}: {p}" for p in _verify_shard(cache, name, shard, expected_rows.get(shard, []))]
+            unvouched += "files" not in cache.done_marker(name, shard)
         incomplete = cache.num_shards - len(cache.done_shards(name))
         if incomplete:
             result.warnings.append(f"stage '{name}' is incomplete: {incomplete} of {cache.num_shards} shards not done")
+    if unvouched:
+        result.warnings.append(f"{unvouched} shard(s) have done markers of an older shnet (no sizes or sha256): their content was not checked against them")
     return result
 
 
@@ -123,9 +143,9 @@ def _verify_shard(cache: Cache, stage: str, shard: int, image_ids: list) -> list
         if not path.exists():
             return [f"done marker present but {path.name} missing"]
     try:
-        table = pd.read_parquet(cache.table_path(stage, shard))
-    except Exception as exc:  # noqa: BLE001 - any parse failure is a problem to report
-        return [f"table unreadable: {exc}"]
+        table = cache.shard_table(stage, shard)
+    except CacheError as exc:
+        return [str(exc)]
     marker = cache.done_marker(stage, shard)
     if len(table) != len(image_ids) or marker.get("rows") != len(image_ids):
         problems.append(f"{len(table)} table rows / marker {marker.get('rows')} for {len(image_ids)} planned images")

@@ -39,6 +39,7 @@ import pandas as pd
 from ..errors import ShnetError
 from .captions import read_cache_captions, write_cache_captions
 from .npy_files import NpyHeader, TextLines, open_npy, write_atomically
+from ..fileio import plain_name, read_parquet, refuse_control_characters
 from .npy_region_files import DEFAULT_FEATURES_DIR, RegionFiles, check_features_dir, check_region_ids, region_file, write_region_file
 from .store import Cache, atomic_write_parquet, create_cache
 from .streaming import write_stage_chunks
@@ -182,12 +183,21 @@ def open_split(files: SplitFiles, captions_per_image: int, region_folder: Path |
             f"{onehot.shape[1]}; both describe the same label set"
         )
     image_ids = [line.strip() for line in ids_text.lines] if ids_text else [f"{files.split}/{i}" for i in range(num_images)]
+    _refuse_bad_ids(image_ids, files.ids)
     repeated = pd.Index(image_ids)[pd.Index(image_ids).duplicated()].unique().tolist()
     if repeated:
         raise ShnetError(f"{files.ids} lists {len(repeated)} image id(s) more than once, e.g. {', '.join(repeated[:_EXAMPLES])}")
     if region_folder is not None and files.ids is not None and "ims" not in arrays:
         arrays["ims"] = RegionFiles.scan(region_folder, image_ids, files.ids)
     return OpenSplit(files, arrays, headers, image_ids, ids_text, caps_text)
+
+
+def _refuse_bad_ids(image_ids: list[str], source) -> None:
+    """An image id is a non-empty name without control characters (one line of {split}_ids.txt)."""
+    for line, image_id in enumerate(image_ids, start=1):
+        if not image_id:
+            raise ShnetError(f"{source}: line {line} is an empty image id; every line names one image")
+        refuse_control_characters(image_id, f"{source} line {line}")
 
 
 def _paths(files: SplitFiles) -> list[Path]:
@@ -212,6 +222,7 @@ def import_sets(
     log: Callable[[str], None] = print,
     progress: Callable[[str, int], ContextManager] | None = None,
     features_dir: str | None = None,
+    allow_nonfinite: bool = False,
 ) -> ImportReport:
     """Import the precomputed set in ``folder`` (its ``splits``, default all) into a new cache.
 
@@ -219,6 +230,7 @@ def import_sets(
     interrupted import leaves no half cache under the given name. ``progress(label, total)`` may
     give a context manager whose ``update(rows)`` hears of every block written. Per-image region
     files are read from ``folder/features_dir`` (default :data:`DEFAULT_FEATURES_DIR` when present).
+    NaN or inf in a float array is refused unless ``allow_nonfinite``.
     """
     if captions_per_image < 1:
         raise ShnetError(f"--captions-per-image must be at least 1 (got {captions_per_image})")
@@ -242,7 +254,7 @@ def import_sets(
             columns = ("num_boxes",) if stage == "regions" else ()
             label = f"{stage} ({', '.join(k.name for k in stage_kinds)})"
             with (progress or _no_progress)(label, len(image_ids)) as bar:
-                blocks = _counted(_stage_blocks(opened, stage_kinds, kept, dtypes), bar)
+                blocks = _counted(_stage_blocks(opened, stage_kinds, kept, dtypes, allow_nonfinite), bar)
                 write_stage_chunks(cache, stage, config, blocks, table_columns=columns)
             stages.append(stage)
         captions = _captions_frame(opened, captions_per_image)
@@ -349,7 +361,9 @@ def rows_per_chunk(row_bytes: int) -> int:
     return max(1, CHUNK_BYTES // max(int(row_bytes), 1))
 
 
-def _stage_blocks(opened: list[OpenSplit], kinds: list[ArrayKind], kept: dict[str, np.ndarray], dtypes: dict[str, np.dtype]) -> Iterator[dict]:
+def _stage_blocks(
+    opened: list[OpenSplit], kinds: list[ArrayKind], kept: dict[str, np.ndarray], dtypes: dict[str, np.dtype], allow_nonfinite: bool = False
+) -> Iterator[dict]:
     """Row blocks of one stage in cache order, each at most :data:`CHUNK_BYTES` of array data."""
     for split in opened:
         positions = kept[split.split]
@@ -360,9 +374,27 @@ def _stage_blocks(opened: list[OpenSplit], kinds: list[ArrayKind], kept: dict[st
             contiguous = chosen[-1] - chosen[0] == len(chosen) - 1
             select = slice(int(chosen[0]), int(chosen[-1]) + 1) if contiguous else chosen
             block = {k.array: np.ascontiguousarray(split.arrays[k.name][select], dtype=dtypes[k.name]) for k in kinds}
+            if not allow_nonfinite:
+                _refuse_nonfinite(split, kinds, block, chosen)
             if "features" in block:
                 block["num_boxes"] = _num_boxes(split, chosen, block["features"].shape[1])
             yield block
+
+
+def _refuse_nonfinite(split: OpenSplit, kinds: list[ArrayKind], block: dict, chosen: np.ndarray) -> None:
+    """Features a model would turn into NaN losses are refused at the door, the file and image named."""
+    for kind in kinds:
+        values = block[kind.array]
+        if not np.issubdtype(values.dtype, np.floating):
+            continue
+        bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+        if bad.any():
+            row = int(chosen[int(np.argmax(bad))])
+            source = split.files.arrays.get(kind.name) or split.files.ids
+            raise ShnetError(
+                f"{source}: image '{split.image_ids[row]}' (row {row}) holds NaN or inf in {kind.name}; "
+                "fix the file, or import it as it is with --allow-nonfinite"
+            )
 
 
 def _num_boxes(split: OpenSplit, chosen: np.ndarray, width: int) -> np.ndarray:
@@ -450,7 +482,7 @@ def imported_split(cache: Cache, split: str) -> ExportRequest:
         raise ShnetError(f"{cache.root} was not made by `shnet import`; give --captions FILE to choose and order the split's images")
     if split not in record["splits"]:
         raise ShnetError(f"{cache.root} holds no imported split '{split}' (it has: {', '.join(sorted(record['splits']))})")
-    order = pd.read_parquet(cache.root / SPLITS_TABLE)
+    order = read_parquet(cache.root / SPLITS_TABLE, "the imported split order", "re-import the cache (`shnet import`)")
     order = order[order["split"] == split].sort_values("position")
     image_ids = order["image_id"].astype(str).tolist()
     captions = None
@@ -491,6 +523,8 @@ class _Source:
 def export_split(cache: Cache, request: ExportRequest, out_dir: str | Path, log: Callable[[str], None] = print) -> list[Path]:
     """Write ``request``'s split of ``cache`` as a precomputed set into ``out_dir``; returns the files."""
     out = Path(out_dir).expanduser()
+    plain_name(request.split, "--split")
+    _refuse_bad_ids(request.image_ids, f"the image ids of split '{request.split}'")
     if not request.image_ids:
         raise ShnetError(f"split '{request.split}' has no image to export")
     sources = _export_sources(cache, request)

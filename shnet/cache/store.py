@@ -41,7 +41,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import CacheError
+from ..fileio import file_sha256, open_h5, read_json, read_parquet
 
+REPAIR_HINT = "see README 'Repairing a damaged cache'"
+SIGNATURES = {".h5": (b"\x89HDF\r\n\x1a\n", b""), ".parquet": (b"PAR1", b"PAR1")}
 FORMAT_VERSION = 1
 CACHE_RECORD = "cache.json"
 IMAGES_TABLE = "images.parquet"
@@ -93,7 +96,9 @@ class Cache:
         record = self.root / CACHE_RECORD
         if not record.exists():
             raise CacheError(f"{self.root} is not a shnet cache (no {CACHE_RECORD}); create one with `shnet extract IMAGE_DIR -o {self.root}`")
-        self.record = json.loads(record.read_text())
+        self.record = read_json(record, "the cache record", f"restore it from a backup or extract into a new -o directory ({REPAIR_HINT})", CacheError)
+        if not isinstance(self.record, dict):
+            raise CacheError(f"cannot read the cache record {record}: it is not a JSON object; restore it from a backup or extract into a new -o directory")
         version = self.record.get("format_version")
         if version != FORMAT_VERSION:
             raise CacheError(
@@ -127,7 +132,8 @@ class Cache:
 
     # --- images -------------------------------------------------------------------------------
     def images(self) -> pd.DataFrame:
-        return pd.read_parquet(self.root / IMAGES_TABLE)
+        path = self.root / IMAGES_TABLE
+        return read_parquet(path, "the image table", f"restore it from a backup or extract into a new -o directory ({REPAIR_HINT})", CacheError)
 
     # --- stages -------------------------------------------------------------------------------
     def stage_dir(self, stage: str) -> Path:
@@ -155,7 +161,36 @@ class Cache:
         return len(self.done_shards(stage)) == self.num_shards
 
     def done_marker(self, stage: str, shard: int) -> dict:
-        return json.loads(self.done_path(stage, shard).read_text())
+        return read_json(self.done_path(stage, shard), "the done marker", self.redo_hint(stage, shard), CacheError)
+
+    def is_readable_marker(self, stage: str, shard: int) -> bool:
+        try:
+            return isinstance(self.done_marker(stage, shard), dict)
+        except CacheError:
+            return False
+
+    def redo_hint(self, stage: str, shard: int) -> str:
+        return f"delete {self.done_path(stage, shard)} and re-run `shnet extract` to redo that shard ({REPAIR_HINT})"
+
+    def shard_problem(self, stage: str, shard: int, content: bool = False) -> str | None:
+        """What is wrong with a done shard, or None: its files present with the sizes (and, with
+        ``content``, the sha256) its marker vouches for; a marker without them (an older shnet)
+        vouches for the files' presence and format signatures only."""
+        if not self.is_readable_marker(stage, shard):
+            return "its done marker is unreadable"
+        files = self.done_marker(stage, shard).get("files")
+        if not isinstance(files, dict):
+            files = {p.relative_to(self.stage_dir(stage)).as_posix(): {} for p in (self.array_path(stage, shard), self.table_path(stage, shard))}
+        for name, vouched in files.items():
+            problem = file_problem(self.stage_dir(stage) / name, vouched, content)
+            if problem:
+                return f"{name} {problem}"
+        return None
+
+    def damaged_shards(self, stage: str) -> dict[int, str]:
+        """Done shards of ``stage`` whose files fail the cheap check (presence, sizes, signatures)."""
+        found = {shard: self.shard_problem(stage, shard) for shard in self.done_shards(stage)}
+        return {shard: problem for shard, problem in found.items() if problem}
 
     def stage_table(self, stage: str, table: str = "table") -> pd.DataFrame:
         """Every committed shard's table of ``stage`` (or its further table ``table``) as one frame,
@@ -163,13 +198,17 @@ class Cache:
         shards = self.done_shards(stage)
         if not shards:
             raise CacheError(f"stage '{stage}' has no complete shard in {self.root}; run `shnet extract ... --stages {stage}`")
-        frames = [pd.read_parquet(self.table_path(stage, s, table)) for s in shards]
+        frames = [self.shard_table(stage, s, table) for s in shards]
         return pd.concat(frames, ignore_index=True)
+
+    def shard_table(self, stage: str, shard: int, table: str = "table", columns: list[str] | None = None) -> pd.DataFrame:
+        path = self.table_path(stage, shard, table)
+        return read_parquet(path, f"the '{stage}' shard table", self.redo_hint(stage, shard), CacheError, columns=columns)
 
     def open_arrays(self, stage: str, shard: int) -> h5py.File:
         if not self.is_done(stage, shard):
             raise CacheError(f"shard {shard} of stage '{stage}' in {self.root} is not complete")
-        return h5py.File(self.array_path(stage, shard), "r")
+        return open_h5(self.array_path(stage, shard), f"the '{stage}' shard", self.redo_hint(stage, shard), CacheError)
 
     def read(self, stage: str, name: str, image_id: str) -> np.ndarray:
         """One image's array (convenient, not fast: opens the shard file for each call)."""
@@ -190,6 +229,31 @@ class Cache:
                 path.unlink()
                 removed += 1
         return removed
+
+
+def vouch(path: Path) -> dict:
+    """What a done marker records of one of its shard's files."""
+    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+def file_problem(path: Path, vouched: Mapping, content: bool = False) -> str | None:
+    """What is wrong with ``path`` against what was ``vouched`` for it (bytes, sha256; ``content``:
+    hash it), its format signature checked in any case; None when nothing is."""
+    if not path.is_file():
+        return "is missing"
+    size = path.stat().st_size
+    if "bytes" in vouched and size != vouched["bytes"]:
+        return f"has {size} bytes, its done marker vouches for {vouched['bytes']} (cut short or rewritten)"
+    head, tail = SIGNATURES.get(path.suffix, (b"", b""))
+    with open(path, "rb") as fh:
+        start = fh.read(len(head))
+        fh.seek(max(0, size - len(tail)))
+        end = fh.read(len(tail))
+    if start != head or end != tail:
+        return f"is not a {path.suffix} file (garbage or cut short)"
+    if content and "sha256" in vouched and file_sha256(path) != vouched["sha256"]:
+        return "content differs from what its done marker vouches for (sha256 mismatch: rewritten or corrupted)"
+    return None
 
 
 def create_cache(root: str | Path, images: pd.DataFrame, shard_size: int, roots: Iterable[str]) -> Cache:
@@ -292,7 +356,9 @@ class ShardWriter:
             self.cache.table_path(self.stage, self.shard, name).parent.mkdir(parents=True, exist_ok=True)
             atomic_write_parquet(self.cache.table_path(self.stage, self.shard, name), frame)
         atomic_write_parquet(self.cache.table_path(self.stage, self.shard), table)
+        tables = [self.cache.table_path(self.stage, self.shard, name) for name in ("table", *self.further_tables)]
         marker = {
+            "files": {p.relative_to(self.cache.stage_dir(self.stage)).as_posix(): vouch(p) for p in (self.final, *tables)},
             "stage": self.stage,
             "shard": self.shard,
             "rows": self.num_rows,

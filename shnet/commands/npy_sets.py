@@ -43,13 +43,16 @@ def _progress_bar(label: str, total: int):
     help=f"Folder in FOLDER of per-image region features, NAME/ID.npy per line of {{split}}_ids.txt, read for splits "
     f"without {{split}}_ims.npy (default: {DEFAULT_FEATURES_DIR}, when present).",
 )
-def import_command(folder, cache, splits, captions_per_image, shard_size, features_dir) -> None:
+@click.option("--allow-nonfinite", is_flag=True, help="Import float arrays holding NaN or inf as they are (refused by default).")
+def import_command(folder, cache, splits, captions_per_image, shard_size, features_dir, allow_nonfinite) -> None:
     """Import a SCAN/3SHNet precomputed set (FOLDER with {split}_ims.npy, {split}_segmentations.npy,
     {split}_seg_maps.npy, {split}_cat_onehots.npy, {split}_caps.txt, {split}_ids.txt; any subset;
     or, as the published COCO loader reads them, coco_region_features/ID.npy per id instead of
     {split}_ims.npy) into a new cache with stages regions and layout and the captions, ready for
     `shnet train`."""
-    report = import_sets(folder, cache, splits, captions_per_image, shard_size, log=_log, progress=_progress_bar, features_dir=features_dir)
+    report = import_sets(
+        folder, cache, splits, captions_per_image, shard_size, log=_log, progress=_progress_bar, features_dir=features_dir, allow_nonfinite=allow_nonfinite
+    )
     listing = ", ".join(f"{split} {count}" for split, count in report.splits.items())
     click.echo(
         f"{report.cache}: {report.images} images (splits: {listing}), stages: {', '.join(report.stages) or 'none'}, "

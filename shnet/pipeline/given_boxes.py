@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import ShnetError
+from ..fileio import reading, refuse_control_characters
 
 COORDINATES = ("x1", "y1", "x2", "y2")
 
@@ -24,9 +25,9 @@ def read_given_boxes(path: str | Path) -> dict[str, np.ndarray]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise ShnetError(f"regions.boxes file not found: {path}")
-    try:
+    with reading(path, "regions.boxes file", "give a .json {image_id: [[x1, y1, x2, y2], ...]} or a .parquet with image_id, x1, y1, x2, y2"):
         if path.suffix.lower() == ".json":
-            raw = json.loads(path.read_text())
+            raw = json.loads(path.read_text(encoding="utf-8"))
             if not isinstance(raw, dict):
                 raise ValueError("the top level must be an object mapping image_id to a list of boxes")
             boxes = {str(k): _as_boxes(v) for k, v in raw.items()}
@@ -34,9 +35,8 @@ def read_given_boxes(path: str | Path) -> dict[str, np.ndarray]:
             boxes = _from_frame(pd.read_parquet(path))
         else:
             raise ValueError("use a .json or .parquet file")
-    except (ValueError, TypeError, KeyError, OSError) as exc:
-        raise ShnetError(f"regions.boxes file {path}: {exc}") from exc
     for image_id, b in boxes.items():
+        refuse_control_characters(image_id, f"regions.boxes file {path}")
         if len(b) and not (np.isfinite(b).all() and (b[:, 2] >= b[:, 0]).all() and (b[:, 3] >= b[:, 1]).all()):
             raise ShnetError(f"regions.boxes file {path}: image {image_id!r} has a box that is not finite x1 <= x2, y1 <= y2")
     return boxes

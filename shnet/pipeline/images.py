@@ -17,6 +17,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from PIL.JpegImagePlugin import JpegImageFile
 
 from shnet.errors import ImageDecodeError, ShnetError
+from shnet.fileio import refuse_control_characters, terminal_safe
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
@@ -97,12 +98,26 @@ def _walk_root(root: str) -> Iterator[tuple[str, str, str, int]]:
             if entry.name.startswith("."):
                 continue
             rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
-            if entry.is_dir():
+            kind = _entry_kind(entry)
+            stem, extension = os.path.splitext(rel)
+            if kind == "dir":
                 heapq.heappush(pending, (links + entry.is_symlink(), rel, entry.path))
-            elif entry.is_file():
-                stem, extension = os.path.splitext(rel)
-                if extension.lower() in IMAGE_EXTENSIONS:
-                    yield stem, root, entry.path, entry.stat().st_size
+            elif extension.lower() in IMAGE_EXTENSIONS and kind in ("file", "broken link"):
+                refuse_control_characters(stem, f"image file {terminal_safe(entry.path)}")
+                yield stem, root, entry.path, entry.stat().st_size if kind == "file" else -1
+
+
+def _entry_kind(entry: os.DirEntry) -> str:
+    """'dir', 'file', 'broken link' (dangling or a loop: listed, so that the probe records it as a
+    failed image) or 'other'."""
+    try:
+        if entry.is_dir():
+            return "dir"
+        if entry.is_file():
+            return "file"
+    except OSError:
+        pass
+    return "broken link" if entry.is_symlink() else "other"
 
 
 def _list_dir(path: str, root: str) -> list[os.DirEntry]:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from ..errors import CacheError, ShnetError
+from ..fileio import writable_destination
 from .images import checked_roots, discover_images
 from .profiles import apply_overrides, load_profile
 from .stages import get_stage, user_stages, with_dependencies
@@ -53,6 +54,7 @@ class ExtractRequest:
     device: str = "cpu"
     shard_size: int | None = None
     batch_size: int = 8
+    refuse_damaged: bool = False  # refuse a cache with a damaged done shard instead of redoing it
 
 
 @dataclass
@@ -84,6 +86,7 @@ class ExtractReport:
     failed_images: int
     wall_seconds: float
     nothing_to_do: bool = False
+    redone: list = field(default_factory=list)  # (stage, shard, what was wrong) of damaged done shards
 
     @property
     def failed_shards(self) -> list:
@@ -102,6 +105,7 @@ def check_request(request: ExtractRequest) -> None:
             raise ShnetError(f"{flag} must be at least 1 (got {value})")
     if request.device not in ("cpu", "cuda"):
         raise ShnetError(f"--device must be cpu or cuda (got {request.device!r})")
+    writable_destination(request.cache, "the cache")
 
 
 def resolve_configs(request: ExtractRequest) -> tuple[list[str], dict[str, dict]]:
@@ -159,6 +163,8 @@ def finished_cache(root: str, images: pd.DataFrame, request: ExtractRequest, sta
     recorded = [stage_config_recorded(cache, name, configs[name], get_stage(name).location_keys) for name in stages]
     if not all(recorded) or not all(cache.is_stage_complete(name) for name in stages):
         return None
+    if any(cache.damaged_shards(name) for name in stages):
+        return None
     current = cache.images()
     expected = images_table(cache, plan_shards(images, cache.shard_size))
     return cache if expected.equals(current[expected.columns]) and list(current.columns) == list(expected.columns) else None
@@ -191,6 +197,7 @@ def run_extract(request: ExtractRequest, display=None) -> ExtractReport:
         for name in stages:
             record_stage_config(cache, name, configs[name], get_stage(name).location_keys)
         cache.remove_stale_temporaries()
+        redone = reopen_damaged_shards(cache, stages, request.refuse_damaged)
         planned = plan_shards(images, cache.shard_size)
         tallies = {name: StageTally(shards_total=cache.num_shards) for name in stages}
         pending = []
@@ -217,7 +224,24 @@ def run_extract(request: ExtractRequest, display=None) -> ExtractReport:
         failed_images=failed_images,
         wall_seconds=time.perf_counter() - started,
         nothing_to_do=not pending,
+        redone=redone,
     )
+
+
+def reopen_damaged_shards(cache: Cache, stages: list[str], refuse: bool) -> list[tuple[str, int, str]]:
+    """Done shards whose files fail their marker's cheap check (presence, sizes, signatures) lose
+    the marker, so that this run redoes them; every good shard is kept. With ``refuse``, nothing is
+    touched and the run stops naming them. Only call while holding the lock."""
+    damaged = [(name, shard, problem) for name in stages for shard, problem in cache.damaged_shards(name).items()]
+    if damaged and refuse:
+        lines = "\n".join(f"  {name} shard {shard}: {problem}" for name, shard, problem in damaged)
+        raise CacheError(
+            f"{cache.root} has {len(damaged)} damaged shard(s) that its done markers no longer vouch for:\n{lines}\n"
+            "Re-run without --refuse-damaged to redo them (the good shards are kept)."
+        )
+    for name, shard, _ in damaged:
+        cache.done_path(name, shard).unlink()
+    return damaged
 
 
 def _images_in(planned: pd.DataFrame, cache: Cache, stage: str) -> tuple[int, int]:
@@ -294,7 +318,7 @@ def images_table(cache: Cache, planned: pd.DataFrame) -> pd.DataFrame:
     probed = cache.done_shards("probe")
     if probed:
         found = pd.concat(
-            [pd.read_parquet(cache.table_path("probe", s), columns=["image_id", "status", "error", "width", "height"]) for s in probed],
+            [cache.shard_table("probe", s, columns=["image_id", "status", "error", "width", "height"]) for s in probed],
             ignore_index=True,
         ).set_index("image_id")
         hit = frame["image_id"].isin(found.index)

@@ -7,6 +7,7 @@ import json
 import click
 
 from ..errors import ShnetError
+from ..fileio import writable_destination
 from .store import DTYPES
 
 
@@ -67,6 +68,8 @@ def search_command(store, queries, k, image_id, ann, as_json, html_path, device,
 
     if image_id and queries:
         raise ShnetError("give query texts or --image IMAGE_ID, not both")
+    if html_path:
+        writable_destination(html_path, "--html")
     query_path = ""
     if image_id:
         if ann:

@@ -185,6 +185,8 @@ def encode(request: EncodeRequest, log: Callable[[str], None] = print) -> Encode
     if not usable:
         raise ShnetError(f"no image of {', '.join(request.caches)} has usable {config.level} features; e.g. {next(iter(skipped.items()), ('', ''))}")
     paths = image_paths(index.caches)
+    captions_file = request.captions or stored_captions(request.caches)
+    captions = caption_rows(captions_file, request.split, index.image_ids) if captions_file else None
 
     store = EmbeddingStore(request.output)
     report = EncodeReport(store.root, skipped_images=len(skipped))
@@ -218,10 +220,7 @@ def encode(request: EncodeRequest, log: Callable[[str], None] = print) -> Encode
             _check_same(store, "images", record["images"], images_entry, ("rows", "shard_size", "image_list_sha256"))
         record["images"] = images_entry
 
-        captions = None
-        captions_file = request.captions or stored_captions(request.caches)
-        if captions_file:
-            captions = caption_rows(captions_file, request.split, index.image_ids)
+        if captions is not None:
             captions_entry = {
                 "file": str(Path(captions_file).expanduser().resolve()),
                 "sha256": file_sha256(Path(captions_file).expanduser()),

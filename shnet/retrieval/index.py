@@ -13,7 +13,6 @@ faiss is an optional dependency (``pip install -c constraints.txt 'shnet[faiss]'
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -26,6 +25,7 @@ import torch
 
 from ..cache.store import atomic_write_json
 from ..errors import ShnetError
+from ..fileio import read_json
 from .search import exact_top_k
 from .store import EmbeddingStore
 
@@ -169,7 +169,7 @@ def load_index(store: EmbeddingStore):
     folder = store.root / INDEX_DIR
     if not (folder / INDEX_FILE).exists():
         raise ShnetError(f"{store.root} has no approximate index; build it with `shnet encode ... -o {store.root} --index`")
-    index_record = json.loads((folder / INDEX_RECORD).read_text())
+    index_record = read_json(folder / INDEX_RECORD, "the index record", f"rebuild it with `shnet encode ... -o {store.root} --index`")
     if index_record["image_list_sha256"] != store.part("images")["image_list_sha256"]:
         raise ShnetError(f"{folder} was built for other images than the store holds now; rebuild it with `shnet encode ... --index`")
     index = faiss.read_index(str(folder / INDEX_FILE))

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +28,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..cache.store import atomic_write_json, atomic_write_parquet, shard_stem
+from ..cache.store import atomic_write_json, atomic_write_parquet, file_problem, shard_stem
 from ..errors import ShnetError
+from ..fileio import read_json, reading
 
 FORMAT = "shnet-embeddings"
 FORMAT_VERSION = 1
@@ -82,8 +82,8 @@ class EmbeddingStore:
     def record(self) -> dict:
         if not self.exists():
             raise ShnetError(f"{self.root} is not an embedding store (no {RECORD}); create one with `shnet encode RUN --cache CACHE -o {self.root}`")
-        record = json.loads(self.record_path.read_text())
-        if record.get("format") != FORMAT or record.get("format_version", 0) > FORMAT_VERSION:
+        record = read_json(self.record_path, "the embedding record", "re-run `shnet encode` into a new -o folder")
+        if not isinstance(record, dict) or record.get("format") != FORMAT or record.get("format_version", 0) > FORMAT_VERSION:
             raise ShnetError(f"{self.record_path}: not a shnet embedding record this version reads (format {record.get('format')!r} v{record.get('format_version')})")
         return record
 
@@ -109,8 +109,15 @@ class EmbeddingStore:
         atomic_write_parquet(path, table, **SHARD_WRITE_OPTIONS)
 
     def done_shards(self, part: str) -> set[int]:
+        """Shards present and whole as far as a cheap look tells (Parquet signature at both ends):
+        a cut or garbage shard counts as missing, so that a re-run of encode redoes it."""
         folder = self.root / part
-        return {int(p.stem) for p in folder.glob("*.parquet") if p.stem.isdigit()} if folder.is_dir() else set()
+        if not folder.is_dir():
+            return set()
+        return {int(p.stem) for p in folder.glob("*.parquet") if p.stem.isdigit() and file_problem(p, {}) is None}
+
+    def reading_shard(self, path: Path):
+        return reading(path, "embedding shard", "delete it and re-run the same `shnet encode` command to redo it")
 
     def complete_part(self, part: str) -> dict:
         """The part's record entry, refusing when some of its shards are missing (an interrupted encode)."""
@@ -127,8 +134,15 @@ class EmbeddingStore:
         """The part's embeddings in order, at most ``rows`` at a time (never the whole matrix)."""
         entry, start = self.complete_part(part), 0
         for shard in range(entry["shards"]):
-            for batch in pq.ParquetFile(self.shard_path(part, shard)).iter_batches(batch_size=rows, columns=["embedding"]):
-                matrix = embedding_matrix(batch.column(0))
+            path = self.shard_path(part, shard)
+            with self.reading_shard(path):
+                batches = pq.ParquetFile(path).iter_batches(batch_size=rows, columns=["embedding"])
+            while True:
+                with self.reading_shard(path):
+                    batch = next(batches, None)
+                    matrix = None if batch is None else embedding_matrix(batch.column(0))
+                if matrix is None:
+                    break
                 yield Chunk(start, matrix)
                 start += len(matrix)
 
@@ -138,7 +152,9 @@ class EmbeddingStore:
         size = entry["shard_size"]
         out: dict[int, dict] = {}
         for shard in np.unique(np.asarray(global_rows) // size):
-            table = pq.read_table(self.shard_path(part, int(shard)), columns=columns).to_pylist()
+            path = self.shard_path(part, int(shard))
+            with self.reading_shard(path):
+                table = pq.read_table(path, columns=columns).to_pylist()
             for row in global_rows:
                 if row // size == shard:
                     out[int(row)] = table[int(row) % size]
@@ -149,11 +165,12 @@ class EmbeddingStore:
         entry = self.complete_part(part)
         for shard in range(entry["shards"]):
             path = self.shard_path(part, shard)
-            hits = np.flatnonzero(pq.read_table(path, columns=[column]).column(column).to_numpy(zero_copy_only=False) == value)
-            if len(hits):
-                row = int(hits[0])
-                embeddings = pq.read_table(path, columns=["embedding"]).column("embedding")
-                return shard * entry["shard_size"] + row, embedding_matrix(embeddings.slice(row, 1))[0]
+            with self.reading_shard(path):
+                hits = np.flatnonzero(pq.read_table(path, columns=[column]).column(column).to_numpy(zero_copy_only=False) == value)
+                if len(hits):
+                    row = int(hits[0])
+                    embeddings = pq.read_table(path, columns=["embedding"]).column("embedding")
+                    return shard * entry["shard_size"] + row, embedding_matrix(embeddings.slice(row, 1))[0]
         raise ShnetError(f"no {column} {value!r} among the {entry['rows']} encoded {part} of {self.root}")
 
     def remove_stale_temporaries(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ..errors import ShnetError
+from ..fileio import writable_destination
 
 
 @click.command("show")
@@ -22,6 +23,8 @@ def show_command(cache, image_id, output, sample, seed, run, bert_path):
 
     if (image_id is None) == (sample is None):
         raise ShnetError("give one IMAGE_ID, or --sample N for a contact sheet")
+    if output:
+        writable_destination(output, "-o")
     if sample is not None:
         if run:
             raise ShnetError("--run draws pooling weights for one IMAGE_ID, not on a contact sheet")

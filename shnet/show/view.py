@@ -106,7 +106,7 @@ def read_view(cache: Cache, image_id: str, images: pd.DataFrame | None = None) -
     failed: dict[str, str] = {}
     for stage in ("regions", "panoptic", "saliency", "grid"):
         if cache.is_done(stage, shard):
-            status = pd.read_parquet(cache.table_path(stage, shard), columns=["row", "status", "error"]).set_index("row").loc[row]
+            status = cache.shard_table(stage, shard).set_index("row").loc[row]
             if status["status"] != "ok":
                 failed[stage] = str(status["error"]) or str(status["status"])
                 continue

@@ -24,6 +24,7 @@ import pandas as pd
 
 from ..cache.captions import stored_captions
 from ..errors import ShnetError
+from ..fileio import reading, refuse_control_characters
 
 KARPATHY_CAPTIONS_PER_IMAGE = 5
 SPLIT_ALIASES = {"train": ("train", "restval"), "val": ("val", "dev")}  # dev: SCAN's name of the validation split
@@ -110,22 +111,26 @@ def read_captions(path: str | Path) -> CaptionTable:
     if not path.is_file():
         raise ShnetError(f"caption file {path} does not exist")
     suffix = path.suffix.lower()
-    if suffix == ".json":
-        return _read_karpathy(path)
-    if suffix in (".csv", ".tsv"):
-        frame = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False)
-    elif suffix in (".parquet", ".pq"):
-        frame = pd.read_parquet(path)
-    else:
+    if suffix not in (".json", ".csv", ".tsv", ".parquet", ".pq"):
         raise ShnetError(f"{path}: captions must be a Karpathy .json or a .csv/.tsv/.parquet table (image_id, caption, split)")
-    return _table_from_frame(frame, path)
+    with reading(path, "caption file", _CAPTION_FIX):
+        table = _read_karpathy(path) if suffix == ".json" else _table_from_frame(_read_caption_frame(path, suffix), path)
+    for name in (*table.frame["image"].unique(), *table.frame["split"].unique()):
+        refuse_control_characters(name, f"caption file {path}")
+    return table
+
+
+_CAPTION_FIX = "a caption file is a UTF-8 Karpathy .json or a .csv/.tsv/.parquet table with columns image_id, caption, split"
+
+
+def _read_caption_frame(path: Path, suffix: str) -> pd.DataFrame:
+    if suffix in (".csv", ".tsv"):
+        return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False, encoding="utf-8")
+    return pd.read_parquet(path)
 
 
 def _read_karpathy(path: Path) -> CaptionTable:
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ShnetError(f"{path}: not valid JSON ({exc})") from exc
+    data = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise ShnetError(f"{path}: not a Karpathy split file (expected an object with an 'images' list)")
     images, captions, splits = [], [], []
@@ -136,6 +141,8 @@ def _read_karpathy(path: Path) -> CaptionTable:
             sentences = entry["sentences"]
         except (KeyError, TypeError) as exc:
             raise ShnetError(f"{path}: image #{position} lacks {exc} (Karpathy entries have filename, split, sentences)") from None
+        if not isinstance(sentences, list) or not all(isinstance(x, dict) for x in sentences) or not isinstance(name, str):
+            raise ShnetError(f"{path}: image #{position} has a filename that is not a string or sentences that are not a list of objects; {_CAPTION_FIX}")
         if entry.get("filepath"):
             name = f"{entry['filepath']}/{name}"
         for sentence in sentences[:KARPATHY_CAPTIONS_PER_IMAGE]:

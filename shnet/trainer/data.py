@@ -24,8 +24,9 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..errors import ShnetError
+from ..errors import CacheError, ShnetError
 from ..cache import Cache
+from ..fileio import open_h5
 from .captions import CaptionSet, match_images
 
 LEVEL_STAGES = {"region": ("regions", "layout"), "grid": ("grid", "layout")}
@@ -33,6 +34,18 @@ MODEL_ARRAYS = {"regions": ("features", "num_boxes"), "grid": ("grid", "valid_hw
 REGION_DROPOUT = 0.2
 _RAM_HEADROOM = 0.8  # share of the available memory that --in-memory may fill
 _VARIABLE_LEADING_DIMS = {"features": 1, "boxes": 1, "grid": 2}  # box count / grid size may differ between caches
+
+
+def refuse_damaged(cache: Cache, stage: str) -> None:
+    """A done shard whose files are not what its marker vouches for is named before any training."""
+    damaged = cache.damaged_shards(stage)
+    if damaged:
+        shard, problem = next(iter(damaged.items()))
+        raise CacheError(f"{cache.root}: stage '{stage}' shard {shard}: {problem} ({len(damaged)} damaged shard(s)); {cache.redo_hint(stage, shard)}")
+
+
+def open_shard(path: str) -> h5py.File:
+    return open_h5(path, "the cache shard", "re-run `shnet extract` on its cache to redo the shard (see README 'Repairing a damaged cache')", CacheError)
 
 
 @dataclass
@@ -79,6 +92,7 @@ class FeatureIndex:
             shards = cache.done_shards(stage)
             if not shards:
                 continue
+            refuse_damaged(cache, stage)
             table = cache.stage_table(stage)
             if "num_boxes" in table:  # a model input needs at least one region
                 empty = (table["status"] == "ok") & (table["num_boxes"] == 0)
@@ -114,7 +128,7 @@ class FeatureIndex:
         shapes: dict[str, tuple[int, ...]] = {}
         for stage in self.stages:
             for path in self.locations[stage].files:
-                with h5py.File(path, "r") as h5:
+                with open_shard(path) as h5:
                     for name, dataset in h5.items():
                         shape, key = tuple(dataset.shape[1:]), f"{stage}/{name}"
                         seen = shapes.setdefault(key, shape)
@@ -230,7 +244,7 @@ class FeatureReader:
         path = self.files[stage][self.file_index[stage][i]]
         datasets = self._datasets.get(path)
         if datasets is None:
-            h5 = self._files[path] = h5py.File(path, "r")
+            h5 = self._files[path] = open_shard(path)
             datasets = self._datasets[path] = {name: h5[name] for name in h5}
         return datasets
 
@@ -262,7 +276,7 @@ class FeatureReader:
         total = 0
         for stage, names in ((self.token_stage, ("features" if self.level == "region" else "grid",)), ("layout", self.LAYOUT)):
             for path, positions, _ in self._selections(stage):
-                with h5py.File(path, "r") as h5:
+                with open_shard(path) as h5:
                     total += sum(int(np.prod(h5[n].shape[1:])) * h5[n].dtype.itemsize for n in names) * len(positions)
         return total
 
@@ -279,7 +293,7 @@ class FeatureReader:
         n = len(self)
         tokens: list[np.ndarray | None] = [None] * n
         for path, positions, rows in self._selections(self.token_stage):
-            with h5py.File(path, "r") as h5:
+            with open_shard(path) as h5:
                 lo, hi = int(rows.min()), int(rows.max()) + 1
                 if self.level == "region":
                     block, counts = h5["features"][lo:hi], h5["num_boxes"][lo:hi]
@@ -293,7 +307,7 @@ class FeatureReader:
         memory = {"token_offsets": np.concatenate([[0], np.cumsum([len(t) for t in tokens])]).astype(np.int64)}
         memory["tokens"] = np.concatenate(tokens).astype(np.float16)
         for path, positions, rows in self._selections("layout"):
-            with h5py.File(path, "r") as h5:
+            with open_shard(path) as h5:
                 lo, hi = int(rows.min()), int(rows.max()) + 1
                 for name in self.LAYOUT:
                     block = h5[name][lo:hi]
