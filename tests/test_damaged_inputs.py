@@ -15,7 +15,8 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from shnet.cache import Cache
+from shnet.cache import Cache, write_stage
+from shnet.cache.npy_sets import ExportRequest, export_split
 from shnet.cache.store import atomic_write_parquet
 from shnet.cli import main
 from shnet.errors import ShnetError
@@ -187,6 +188,9 @@ def test_weights_that_are_not_weights(extracted, tmp_path):
     for weights, message in ((text, "not a checkpoint"), ("/dev/zero", "not a regular file"), (fifo, "not a regular file")):
         refused(shnet("extract", "--sample", "-o", tmp_path / "c", *SMOKE, "--set", f"grid.weights={weights}"), str(weights), message)
     refused(shnet("evaluate", text, "--cache", extracted), str(text), "not a checkpoint")
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"\x80\x02" + bytes(range(200)))
+    refused(shnet("evaluate", junk, "--cache", extracted), str(junk), "damaged pickle")
     refused(shnet("evaluate", fifo, "--cache", extracted), str(fifo), "not a regular file")
 
 
@@ -219,6 +223,23 @@ def test_a_malformed_caption_file_is_one_message_in_export_train_and_encode(conc
         read_captions(path)
     refused(shnet("export", concept / "cache", "-o", tmp_path / "out", "--split", "test", "--captions", path), str(path))
     refused(shnet("train", "--cache", concept / "cache", "--captions", path, "-o", tmp_path / "run", "--epochs", 1), str(path))
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_names_a_damaged_shard_before_training(concept, tmp_path):
+    cache = Path(shutil.copytree(concept / "cache", tmp_path / "cache"))
+    truncate(cache / "regions" / "00001.h5")
+    result = shnet("train", "--cache", cache, "--captions", concept / "captions.csv", "-o", tmp_path / "run", "--epochs", 1, "--val-split", "test")
+    refused(result, "stage 'regions' shard 1: 00001.h5 has 1000 bytes", str(cache / "regions" / "00001.done"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_export_refuses_an_image_id_that_would_break_the_ids_file(tmp_path):
+    """A cache written before ids were checked: export still never writes a broken ids file."""
+    ids = ["a", "b\nc", "d", "e"]
+    write_stage(tmp_path / "cache", "layout", ids, {"cat_onehot": np.zeros((4, 133), np.uint8)}, {"synthetic": True})
+    with pytest.raises(ShnetError, match=r"line 2: the name 'b\\nc' holds a control character"):
+        export_split(Cache(tmp_path / "cache"), ExportRequest("test", ids, None), tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
