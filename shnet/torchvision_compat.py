@@ -55,11 +55,14 @@ def nms(dets: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch
     """Greedy non-maximum suppression with torchvision's semantics (IoU > threshold suppresses).
 
     Overlaps are computed in the boxes' dtype, as the kernel does, for the upper triangle only and
-    in row blocks that stay in cache; the greedy pass then runs over the boolean overlap rows.
+    in row blocks that stay in cache; the greedy pass then runs over the boolean overlap rows. The
+    kernel compares each IoU with the threshold in double precision: the same test in the boxes'
+    dtype needs the threshold rounded down to that dtype, not to the nearest value.
     """
     n = dets.shape[0]
     if n == 0:
         return torch.empty(0, dtype=torch.long, device=dets.device)
+    iou_threshold = _round_down(iou_threshold, dets.dtype)
     order = torch.sort(scores, descending=True, stable=True).indices
     x1, y1, x2, y2 = dets[order].unbind(1)
     area = (x2 - x1) * (y2 - y1)
@@ -79,6 +82,15 @@ def nms(dets: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch
             over_rows[i, : i + 1] = False
             suppressed |= over_rows[i]
     return order[torch.from_numpy(~suppressed).to(dets.device)]
+
+
+def _round_down(value: float, dtype: torch.dtype) -> float:
+    """The largest ``dtype`` number not above ``value``: for x of that dtype, x > it exactly when x > value."""
+    exact = torch.tensor(value, dtype=torch.float64)
+    rounded = exact.to(dtype)
+    if rounded.double() > exact:
+        rounded = torch.nextafter(rounded, torch.tensor(float("-inf"), dtype=dtype))
+    return rounded.item()
 
 
 def roi_align(

@@ -135,6 +135,17 @@ def test_nms_hand_computed():
     assert torchvision.ops.nms(torch.zeros((0, 4)), torch.zeros(0), 0.5).numel() == 0
 
 
+def test_nms_compares_the_threshold_in_double():
+    """The kernel compares each float32 IoU with the double threshold: an IoU of exactly 0.25 is above
+    0.25 - 1e-12, although that threshold's nearest float32 is 0.25 itself."""
+    boxes = torch.tensor([[0, 0, 10, 10], [0, 0, 10, 40], [50, 50, 60, 60.0]])  # IoU(0, 1) = 100 / 400
+    scores = torch.tensor([0.9, 0.8, 0.7])
+    for run in (torchvision.ops.nms, nms):
+        assert run(boxes, scores, 0.25).tolist() == [0, 1, 2]
+        assert run(boxes, scores, 0.25 - 1e-12).tolist() == [0, 2]
+        assert run(boxes.double(), scores.double(), 0.25 - 1e-12).tolist() == [0, 2]
+
+
 @pytest.mark.parametrize("n,threshold", [(50, 0.3), (400, 0.5), (1500, 0.7)])
 def test_nms_matches_reference(n, threshold):
     g = torch.Generator().manual_seed(n)

@@ -3,12 +3,17 @@
 ``plus_one`` is the Caffe pixel-inclusive convention (width = x2 - x1 + 1; boxes clipped to
 size - 1; overlaps counted the same way). NMS always runs through torchvision on the boxes' device;
 the +1 overlap is exactly torchvision's IoU of boxes whose x2, y2 are moved out by one pixel.
+
+Where an IoU equals the threshold the conventions part: detectron2 (torchvision) suppresses at
+IoU > threshold; MILVLG's CPU NMS, which its RPN and its selection run, at float32 IoU >= float32
+threshold. :func:`suppression_threshold` turns the second into the first.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torchvision
 
@@ -62,11 +67,27 @@ def iou(a: torch.Tensor, b: torch.Tensor, plus_one: bool) -> torch.Tensor:
     return torchvision.ops.box_iou(_overlap_boxes(a.float(), plus_one), _overlap_boxes(b.float(), plus_one))
 
 
+def suppression_threshold(threshold: float, plus_one: bool) -> float:
+    """What torchvision's strict test (float32 IoU > t, compared in double) needs to suppress as each
+    convention does: ``threshold`` itself without ``plus_one``; with it, the float32 just below
+    float32(``threshold``), since no float32 IoU lies between the two."""
+    if not plus_one:
+        return threshold
+    return float(np.nextafter(np.float32(threshold), np.float32(-np.inf)))
+
+
+def overlapping(boxes: torch.Tensor, threshold: float, plus_one: bool) -> torch.Tensor:
+    """[R, R]: whether box i suppresses box j in an NMS at ``threshold`` (the rule of :func:`nms`)."""
+    return iou(boxes, boxes, plus_one).double() > suppression_threshold(threshold, plus_one)
+
+
 def nms(boxes: torch.Tensor, scores: torch.Tensor, threshold: float, plus_one: bool) -> torch.Tensor:
-    """Indices kept, by decreasing score (IoU > threshold suppresses)."""
-    return torchvision.ops.nms(_overlap_boxes(boxes.float(), plus_one), scores.float(), threshold)
+    """Indices kept, by decreasing score."""
+    return torchvision.ops.nms(_overlap_boxes(boxes.float(), plus_one), scores.float(), suppression_threshold(threshold, plus_one))
 
 
 def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, threshold: float, plus_one: bool) -> torch.Tensor:
     """NMS within each group (class) independently; indices kept, by decreasing score."""
-    return torchvision.ops.batched_nms(_overlap_boxes(boxes.float(), plus_one), scores.float(), groups, threshold)
+    return torchvision.ops.batched_nms(
+        _overlap_boxes(boxes.float(), plus_one), scores.float(), groups, suppression_threshold(threshold, plus_one)
+    )

@@ -33,7 +33,7 @@ def max_class_confidence(boxes: torch.Tensor, class_scores: torch.Tensor, nms_io
     num_boxes, num_classes = class_scores.shape
     if num_boxes == 0:
         return class_scores.new_zeros(0)
-    overlaps = box_coder.iou(boxes, boxes, plus_one) > nms_iou
+    overlaps = box_coder.overlapping(boxes, nms_iou, plus_one)
     order = torch.sort(class_scores, dim=0, descending=True, stable=True).indices  # [R, C]
     classes = torch.arange(num_classes, device=class_scores.device)
     suppressed = torch.zeros(num_classes, num_boxes, dtype=torch.bool, device=class_scores.device)
