@@ -75,8 +75,9 @@ def test_done_markers_vouch_for_sizes_and_hashes(extracted):
         (lambda c: (c / "grid" / "00001.h5").write_bytes(os.urandom((c / "grid" / "00001.h5").stat().st_size)), "00001.h5 is not a .h5 file"),
         (lambda c: truncate(c / "grid" / "table" / "00001.parquet", 500), "table/00001.parquet has 500 bytes"),
         (lambda c: (c / "grid" / "00001.h5").unlink(), "00001.h5 is missing"),
+        (lambda c: (c / "grid" / "00001.done").write_text('{"stage": "gr'), "its done marker is unreadable"),
     ],
-    ids=["truncated-h5", "garbage-h5", "truncated-table", "deleted-h5"],
+    ids=["truncated-h5", "garbage-h5", "truncated-table", "deleted-h5", "cut-marker"],
 )
 def test_a_damaged_shard_is_named_by_verify_inspect_extract_and_train(copy, damage, expected):
     damage(copy)
