@@ -24,8 +24,10 @@ def _sources() -> list[np.ndarray]:
     ]
 
 
-def write_image_set(folder: Path, count: int, size: tuple[int, int] = (480, 640), seed: int = 0) -> Path:
-    """``count`` distinct JPEGs of ``size`` (h, w): random crops, flips and rescales of real photos."""
+def write_image_set(folder: Path, count: int, size: tuple[int, int] | list[tuple[int, int]] = (480, 640), seed: int = 0) -> Path:
+    """``count`` distinct JPEGs of ``size`` (h, w), or of a list of sizes in turn (image i gets
+    ``size[i % len(size)]``): random crops, flips and rescales of real photos."""
+    sizes = size if isinstance(size, list) else [size]
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     sources = _sources()
@@ -37,6 +39,7 @@ def write_image_set(folder: Path, count: int, size: tuple[int, int] = (480, 640)
         crop = src[y : y + ch, x : x + cw]
         if rng.random() < 0.5:
             crop = crop[:, ::-1]
-        image = Image.fromarray(np.ascontiguousarray(crop)).resize((size[1], size[0]), Image.BILINEAR)
+        height, width = sizes[i % len(sizes)]
+        image = Image.fromarray(np.ascontiguousarray(crop)).resize((width, height), Image.BILINEAR)
         image.save(folder / f"img{i:06d}.jpg", quality=90)
     return folder

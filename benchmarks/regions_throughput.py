@@ -1,14 +1,17 @@
 """Stage ``regions`` throughput: the bare detector forward versus `shnet extract --stages regions`.
 
 Bare: the random-initialised detector over images decoded and preprocessed beforehand (decode and
-preprocess excluded), batched as the stage batches them, in one process with all cores' threads.
+preprocess excluded), batched as the stage batches them (the detector takes them one at a time), in
+one process with all cores' threads.
 Pipeline: a real `shnet extract --stages regions` over the same images with one worker holding the
 same threads, timed from command start to end (cluster start, model build, decoding, HDF5 writes
-included). On a CUDA machine the bare forward is also timed at batch 1 vs batched and fp32 vs fp16
-autocast, with the largest feature deviation autocast causes.
+included). ``--sizes`` gives the image sizes in turn (several sizes: every batch mixes them). On a
+CUDA machine the bare forward is also timed with fp16 autocast, with the largest feature deviation
+autocast causes.
 
     python benchmarks/regions_throughput.py [--images 8] [--depth 101] [--min-size 600] [--max-size 1000]
                                            [--post-nms-topk 100] [--batch-size 4] [--device cpu] [--repeats 1]
+                                           [--sizes 480x640,375x500,...]
 
 Last line: pipeline_efficiency=<bare s/img / pipeline s/img>  (goal >= 0.85)
 """
@@ -31,9 +34,9 @@ from _images import write_image_set  # noqa: E402
 
 def prepared_images(folder: Path, min_size: int, max_size: int) -> list:
     from shnet.pipeline.images import decode_image, discover_images
-    from shnet.pipeline.models.butd.detector import preprocess
+    from shnet.pipeline.models.butd.preprocess import preprocess
 
-    return [preprocess(decode_image(p), min_size, max_size) for p in discover_images([folder])["path"].tolist()]
+    return [preprocess(decode_image(p), min_size, max_size, "caffe") for p in discover_images([folder])["path"].tolist()]
 
 
 def bare_seconds_per_image(model, prepared, options, batch_size: int, autocast) -> tuple[float, list]:
@@ -84,7 +87,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--repeats", type=int, default=1, help="alternate bare and pipeline runs this many times; best of each")
+    parser.add_argument("--sizes", default="480x640", help="comma-separated HxW image sizes, taken in turn")
     args = parser.parse_args()
+    sizes = [tuple(int(v) for v in size.split("x")) for size in args.sizes.split(",")]
 
     import numpy as np
     import torch
@@ -97,7 +102,7 @@ def main() -> None:
     torch.set_num_threads(cores)
     options = SelectionOptions("caffe", args.num_boxes, args.num_boxes, 0.2, 0.3, 6000, args.post_nms_topk, 0.7)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = write_image_set(Path(tmp) / "images", args.images, size=(480, 640))
+        folder = write_image_set(Path(tmp) / "images", args.images, size=sizes)
         prepared = prepared_images(folder, args.min_size, args.max_size)
         model = to_device(build_detector("random", args.depth, False)[0], args.device)
         bare_seconds_per_image(model, prepared[:1], options, 1, contextlib.nullcontext())  # warm-up
@@ -107,15 +112,15 @@ def main() -> None:
             bare = min(bare, bare_seconds_per_image(model, prepared, options, args.batch_size, contextlib.nullcontext())[0])
             again, again_in_stage = pipeline_seconds_per_image(folder, Path(tmp) / f"cache{repeat}", args, len(prepared))
             piped, in_stage = min(piped, again), min(in_stage, again_in_stage)
-        print(f"images={args.images} (480x640 -> {prepared[0].resized_hw}) depth={args.depth} post_nms_topk={args.post_nms_topk} "
+        resized = sorted({p.resized_hw for p in prepared})
+        print(f"images={args.images} ({args.sizes} -> {resized}) depth={args.depth} post_nms_topk={args.post_nms_topk} "
               f"num_boxes={args.num_boxes} batch={args.batch_size} device={args.device} threads={cores}")
         print(f"bare_s_per_img={bare:.3f}  (detector forward + selection, fp32, best of {args.repeats})")
         if args.device == "cuda":
-            single, _ = bare_seconds_per_image(model, prepared, options, 1, contextlib.nullcontext())
             mixed, fast = bare_seconds_per_image(model, prepared, options, args.batch_size, autocast_for("cuda"))
             same = [a.boxes.shape == b.boxes.shape and np.allclose(a.boxes, b.boxes, atol=0.5) for a, b in zip(exact, fast)]
             deviation = max(float(np.abs(a.features - b.features).max()) for a, b in zip(exact, fast) if a.features.shape == b.features.shape)
-            print(f"bare_batch1_s_per_img={single:.3f}  bare_autocast_s_per_img={mixed:.3f}")
+            print(f"bare_autocast_s_per_img={mixed:.3f}")
             print(f"autocast: same boxes in {sum(same)}/{len(same)} images, max |feature fp32 - fp16| = {deviation:.4f}")
     print(f"pipeline_s_per_img={piped:.3f}  (whole `shnet extract --stages regions` wall time, 1 worker x {cores} threads, best of {args.repeats})")
     print(f"stage_s_per_img={in_stage:.3f}  (inside the worker: decode, forward, selection; the rest is start-up)")

@@ -14,7 +14,8 @@ from click.testing import CliRunner
 
 from shnet.cli import main
 from shnet.pipeline.models.butd.conventions import D2
-from shnet.pipeline.models.butd.detector import BUTDDetector, preprocess
+from shnet.pipeline.models.butd.detector import BUTDDetector
+from shnet.pipeline.models.butd.preprocess import preprocess
 from shnet.pipeline.models.butd.extract import SelectionOptions, extract_regions
 
 HAS_DETECTRON2 = importlib.util.find_spec("detectron2") is not None
@@ -40,7 +41,7 @@ def test_detectron2_backend_matches_the_native_detector(tmp_path, single_torch_t
         pickle.dump({"model": {k: v.numpy() for k, v in native.state_dict().items()}}, fh)
     native, _ = build_detector(str(tmp_path / "d2.pkl"), 50, allow_missing_keys=False)
     theirs = Detectron2Detector(str(tmp_path / "d2.pkl"), 50, 6000, 8, 0.7, "cpu", allow_missing_keys=False)
-    image = preprocess((np.random.default_rng(0).random((90, 120, 3)) * 255).astype(np.uint8), 96, 128)
+    image = preprocess((np.random.default_rng(0).random((90, 120, 3)) * 255).astype(np.uint8), 96, 128, "d2")
     options = SelectionOptions("caffe", 4, 4, 0.2, 0.3, 6000, 8, 0.7)
     ours = extract_regions(native, [image], options, contextlib.nullcontext())[0]
     found = extract_regions(theirs, [image], options, contextlib.nullcontext())[0]

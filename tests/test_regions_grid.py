@@ -11,7 +11,8 @@ from click.testing import CliRunner
 from shnet.cli import main
 from shnet.pipeline.models.butd.backbone import FrozenBatchNorm2d
 from shnet.pipeline.models.butd.conventions import CAFFE
-from shnet.pipeline.models.butd.detector import BUTDDetector, preprocess
+from shnet.pipeline.models.butd.detector import BUTDDetector
+from shnet.pipeline.models.butd.preprocess import preprocess
 from shnet.pipeline.models.grid import build_grid_backbone
 from shnet.pipeline.models.grid import preprocess as grid_preprocess
 
@@ -40,7 +41,7 @@ def test_grid_trunk_is_the_detectors_res5_over_the_whole_image(tmp_path, single_
     assert (trunk.channels, trunk.stride) == (2048, 16)
     rgb = (np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)
     image, valid = grid_preprocess(rgb, 64, "stretch", trunk.mean, trunk.std, trunk.stride)
-    caffe_input = preprocess(rgb, 64, 64)  # 64x64 stays 64x64: the same pixels, BGR minus caffe means
+    caffe_input = preprocess(rgb, 64, 64, "caffe")  # 64x64 stays 64x64: the same pixels, BGR minus caffe means
     with torch.inference_mode():
         grid = trunk(torch.from_numpy(image)[None])
         expected = detector.roi_heads.res5(detector.backbone(torch.from_numpy(caffe_input.image)[None]))

@@ -4,14 +4,17 @@ anchors, box arithmetic and box selection against independent computations on ha
 from __future__ import annotations
 
 import ast
+import contextlib
 import math
 import os
 import pickle
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 import shnet.pipeline.models  # noqa: F401 - registers the torchvision CPU operators
@@ -20,9 +23,10 @@ from shnet.pipeline.models.butd import box_coder
 from shnet.pipeline.models.butd.anchors import cell_anchors, grid_anchors
 from shnet.pipeline.models.butd.checkpoint import build_detector, check_detector_weights, detector_for_state, load_state, normalise_names
 from shnet.pipeline.models.butd.conventions import CAFFE, D2
-from shnet.pipeline.models.butd.detector import BUTDDetector, preprocess, resize_scale
+from shnet.pipeline.models.butd.detector import BUTDDetector
 from shnet.pipeline.models.butd.extract import SelectionOptions, extract_regions
-from shnet.pipeline.models.butd.selection import caffe_keep, d2_detections, max_class_confidence
+from shnet.pipeline.models.butd.preprocess import caffe_scale, d2_size, preprocess
+from shnet.pipeline.models.butd.selection import caffe_keep, d2_detections, max_class_confidence, per_class_detections
 
 KEYS_TSV = Path(__file__).resolve().parents[2] / "shared" / "reference" / "detectron2-r101-c4-vg-faster-rcnn-keys.tsv"
 ATTRIBUTE_SHAPES = {"embedding.weight": (1601, 256), "hidden.weight": (512, 2304), "hidden.bias": (512,), "out.weight": (401, 512), "out.bias": (401,)}
@@ -204,7 +208,8 @@ def test_box_decoding_and_clipping_both_conventions():
 
 
 def caffe_nms(boxes: np.ndarray, scores: np.ndarray, threshold: float) -> list[int]:
-    """py-faster-rcnn's py_cpu_nms (pixel-inclusive areas), written out independently."""
+    """MILVLG's ``nms_cpu`` (pixel-inclusive areas; float32 IoU >= float32 threshold suppresses),
+    written out independently."""
     x1, y1, x2, y2 = boxes.T
     areas = (x2 - x1 + 1) * (y2 - y1 + 1)
     order = np.argsort(-scores, kind="stable")
@@ -216,7 +221,7 @@ def caffe_nms(boxes: np.ndarray, scores: np.ndarray, threshold: float) -> list[i
         h = np.maximum(0.0, np.minimum(y2[i], y2[order[1:]]) - np.maximum(y1[i], y1[order[1:]]) + 1)
         inter = w * h
         overlap = inter / (areas[i] + areas[order[1:]] - inter)
-        order = order[1:][overlap <= threshold]
+        order = order[1:][overlap < np.float32(threshold)]
     return keep
 
 
@@ -231,6 +236,49 @@ def test_per_class_nms_max_conf_matches_a_loop_over_classes():
         expected[keep] = np.maximum(expected[keep], scores[keep, c])
     got = max_class_confidence(torch.from_numpy(boxes), torch.from_numpy(scores), 0.3, plus_one=True)
     np.testing.assert_array_equal(got.numpy(), expected)
+
+
+# IoU exactly 0.5 and 0.25 (pixel-inclusive: 10x10 inside 10x20 and 10x40; without +1: 10x10 inside
+# 10x20 and 10x40 drawn one pixel larger); the third box overlaps neither
+PLUS_ONE_BOXES = torch.tensor([[0.0, 0.0, 9.0, 9.0], [0.0, 0.0, 9.0, 19.0], [0.0, 0.0, 9.0, 39.0], [50.0, 50.0, 60.0, 60.0]])
+PLAIN_BOXES = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 20.0], [0.0, 0.0, 10.0, 40.0], [50.0, 50.0, 60.0, 60.0]])
+SCORES = torch.tensor([0.9, 0.8, 0.7, 0.6])
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.25])
+def test_caffe_nms_suppresses_at_an_iou_equal_to_the_threshold(threshold):
+    """MILVLG's CPU NMS suppresses at IoU >= threshold (RPN and selection); detectron2's (torchvision)
+    only above it. Box 0 overlaps box 1 at 0.5 and box 2 at 0.25."""
+    assert box_coder.iou(PLUS_ONE_BOXES[:1], PLUS_ONE_BOXES[1:3], plus_one=True).tolist() == [[0.5, 0.25]]
+    assert box_coder.iou(PLAIN_BOXES[:1], PLAIN_BOXES[1:3], plus_one=False).tolist() == [[0.5, 0.25]]
+    touching = 1 if threshold == 0.5 else 2
+    caffe = box_coder.nms(PLUS_ONE_BOXES, SCORES, threshold, plus_one=True).tolist()
+    assert touching not in caffe and caffe == caffe_nms(PLUS_ONE_BOXES.numpy(), SCORES.numpy(), threshold)
+    assert touching in box_coder.nms(PLAIN_BOXES, SCORES, threshold, plus_one=False).tolist()
+    groups = torch.zeros(4, dtype=torch.long)
+    assert touching not in box_coder.batched_nms(PLUS_ONE_BOXES, SCORES, groups, threshold, plus_one=True).tolist()
+    assert touching in box_coder.batched_nms(PLAIN_BOXES, SCORES, groups, threshold, plus_one=False).tolist()
+    # the Caffe selection: box 0 (its class's best) suppresses the touching box in that class
+    max_conf = max_class_confidence(PLUS_ONE_BOXES, SCORES[:, None], threshold, plus_one=True)
+    assert max_conf[touching] == 0 and max_conf[0] == SCORES[0]
+    assert max_class_confidence(PLAIN_BOXES, SCORES[:, None], threshold, plus_one=False)[touching] == SCORES[touching]
+    # detectron2's per-class inference keeps it
+    found = per_class_detections(PLAIN_BOXES[:, None], SCORES[:, None], 0.1, threshold, 10, plus_one=False)
+    assert touching in found.proposal.tolist()
+
+
+def test_nms_at_thresholds_no_float32_iou_equals():
+    """0.3 and 0.7 are not float32 numbers: MILVLG compares with float32(threshold), torchvision
+    with the double; for IoUs off the threshold both rules are the plain comparison."""
+    assert box_coder.suppression_threshold(0.7, plus_one=False) == 0.7
+    below = box_coder.suppression_threshold(0.3, plus_one=True)
+    assert np.float32(below) == below and np.nextafter(np.float32(below), np.float32(1)) == np.float32(0.3)
+    rng = np.random.default_rng(9)
+    corners = rng.uniform(0, 80, size=(60, 2))
+    boxes = np.concatenate([corners, corners + rng.uniform(5, 40, size=(60, 2))], axis=1).astype(np.float32)
+    scores = rng.random(60).astype(np.float32)
+    for threshold in (0.3, 0.7):
+        assert box_coder.nms(torch.from_numpy(boxes), torch.from_numpy(scores), threshold, plus_one=True).tolist() == caffe_nms(boxes, scores, threshold)
 
 
 def test_adaptive_and_fixed_counts():
@@ -258,12 +306,60 @@ def test_d2_selection_raises_the_nms_threshold_until_k_boxes():
     assert d2_detections(class_boxes, scores, 0.2, 2, 0.5, plus_one=False).proposal.tolist() == [0, 2]
 
 
-def test_resize_follows_the_extractor():
-    assert resize_scale(480, 640, 600, 1000) == 600 / 480
-    assert resize_scale(200, 1000, 600, 1000) == 1.0  # 600/200 would make the long side 3000
-    image = preprocess(np.zeros((48, 64, 3), np.uint8), 24, 40)
-    assert image.image.shape == (3, 24, 32) and image.scale == 0.5
+def test_caffe_resize_follows_milvlg():
+    assert caffe_scale(480, 640, 600, 1000) == 600 / 480
+    assert caffe_scale(200, 1000, 600, 1000) == 1.0  # 600/200 would make the long side 3000
+    image = preprocess(np.zeros((48, 64, 3), np.uint8), 24, 40, "caffe")
+    assert image.image.shape == (3, 24, 32) and image.scale == (0.5, 0.5)
     assert np.allclose(image.image[:, 0, 0], [-102.9801, -115.9465, -122.7717])  # BGR minus caffe means
+    rgb = (np.random.default_rng(4).random((333, 517, 3)) * 255).astype(np.uint8)
+    scale = 600 / 333
+    expected = cv2.resize(rgb[:, :, ::-1].astype(np.float32) - np.float32([102.9801, 115.9465, 122.7717]), None, None, fx=scale, fy=scale)
+    prepared = preprocess(rgb, 600, 1000, "caffe")
+    np.testing.assert_array_equal(prepared.image, expected.transpose(2, 0, 1))
+    assert prepared.scale == (scale, scale)
+
+
+def test_d2_size_is_detectron2s_resize_shortest_edge():
+    assert d2_size(333, 517, 600, 1000) == (600, 932)  # 517 * 600 / 333 = 931.53
+    assert d2_size(517, 333, 600, 1000) == (932, 600)
+    assert d2_size(200, 1000, 600, 1000) == (200, 1000)  # the long side capped: scaled again
+    assert d2_size(901, 1333, 600, 1000) == (600, 888)  # 1333 * 600 / 901 = 887.68
+    # 1667 * 600 / 1000 = 1000.2 passes 1000 before rounding: capped, 599.88 -> 600 (MILVLG rounds first: no cap)
+    assert d2_size(1000, 1667, 600, 1000) == (600, 1000)
+    assert caffe_scale(1000, 1667, 600, 1000) == 0.6
+
+
+@pytest.mark.parametrize("height, width", [(333, 517), (901, 1333)], ids=["enlarged", "shrunk"])
+def test_d2_input_is_the_pil_resized_uint8_image_minus_the_means(height, width):
+    """py-bottom-up-attention: the BGR uint8 image through PIL bilinear at detectron2's size, then
+    float minus the means: bit for bit (antialiased when shrinking; cv2 on floats would differ)."""
+    rgb = (np.random.default_rng(height).random((height, width, 3)) * 255).astype(np.uint8)
+    new_h, new_w = {333: (600, 932), 901: (600, 888)}[height]
+    bgr = Image.fromarray(np.ascontiguousarray(rgb[:, :, ::-1])).resize((new_w, new_h), Image.BILINEAR)
+    expected = (np.asarray(bgr).astype(np.float32) - np.float32([102.9801, 115.9465, 122.7717])).transpose(2, 0, 1)
+    prepared = preprocess(rgb, 600, 1000, "d2")
+    np.testing.assert_array_equal(prepared.image, expected)
+    assert prepared.resized_hw == (new_h, new_w) and prepared.original_hw == (height, width)
+    assert prepared.scale == (new_w / width, new_h / height)  # per axis, as detector_postprocess maps back
+
+
+def test_boxes_map_as_each_extractor_maps_them():
+    """MILVLG divides by its one scale (``boxes / im_scale``); py-bottom-up-attention multiplies by
+    original / resized per axis and clips (``detector_postprocess``); given boxes are multiplied by
+    the scale in both (``bbox * im_scale``; the given-box demo's ``scale_x``, ``scale_y``)."""
+    rgb = np.zeros((333, 517, 3), np.uint8)
+    boxes = torch.tensor([[10.3, 20.7, 500.9, 300.2], [0.0, 0.0, 932.0, 600.0]])
+    caffe, d2 = preprocess(rgb, 600, 1000, "caffe"), preprocess(rgb, 600, 1000, "d2")
+    assert torch.equal(caffe.to_original(boxes), boxes / (600 / 333))
+    assert torch.equal(caffe.to_resized(boxes), boxes * (600 / 333))
+    per_axis = torch.tensor([517 / 932, 333 / 600, 517 / 932, 333 / 600])
+    expected = boxes * per_axis
+    expected[:, 0::2] = expected[:, 0::2].clamp(0, 517)
+    expected[:, 1::2] = expected[:, 1::2].clamp(0, 333)
+    assert torch.equal(d2.to_original(boxes), expected)
+    assert d2.to_original(boxes)[1].tolist() == [0.0, 0.0, 517.0, 333.0]
+    assert torch.equal(d2.to_resized(boxes), boxes * torch.tensor([932 / 517, 600 / 333, 932 / 517, 600 / 333]))
 
 
 @pytest.fixture(scope="module")
@@ -272,24 +368,37 @@ def tiny_detector():
     return model
 
 
-def test_padded_batch_gives_each_image_its_own_regions(tiny_detector, single_torch_thread):
-    rng = np.random.default_rng(1)
-    small = preprocess((rng.random((60, 90, 3)) * 255).astype(np.uint8), 64, 96)
-    large = preprocess((rng.random((80, 80, 3)) * 255).astype(np.uint8), 64, 96)
-    options = SelectionOptions("caffe", 3, 3, 0.2, 0.3, 6000, 4, 0.7)
-    import contextlib
+@pytest.fixture(scope="module")
+def detectors_with_bn_statistics():
+    """Both conventions' R-50 with non-trivial frozen BN: zero padding would no longer stay zero."""
+    return {"caffe": random_detector(CAFFE, seed=7).eval(), "d2": random_detector(D2, seed=8).eval()}
 
-    alone = extract_regions(tiny_detector, [small], options, contextlib.nullcontext())[0]
-    batched = extract_regions(tiny_detector, [large, small], options, contextlib.nullcontext())[1]
-    np.testing.assert_allclose(batched.boxes, alone.boxes, rtol=0, atol=1e-3)
-    np.testing.assert_allclose(batched.features, alone.features, rtol=1e-3, atol=1e-3)
-    assert (alone.boxes[:, 2] <= 90) .all() and (alone.boxes[:, 3] <= 60).all()
+
+@pytest.mark.parametrize("convention, selection", [("caffe", "caffe"), ("d2", "d2"), ("d2", "caffe")])
+def test_regions_do_not_depend_on_batch_mates(detectors_with_bn_statistics, convention, selection, single_torch_thread):
+    """Each image alone and in a batch of four sizes (two images share one): bit for bit the same
+    boxes, scores, classes and features, in input order. Exact equality, not a tolerance: the detector
+    runs each image alone, so nothing it computes for an image depends on the others (a shared padded
+    or same-size batch changes the bits, padding far more near the right and bottom edges)."""
+    model = detectors_with_bn_statistics[convention]
+    rng = np.random.default_rng(5)
+    shapes = [(60, 90), (80, 80), (61, 90), (45, 100), (80, 80)]
+    images = [preprocess((rng.random((*shape, 3)) * 255).astype(np.uint8), 64, 96, convention) for shape in shapes]
+    assert len({image.resized_hw for image in images}) == 4
+    options = SelectionOptions(selection, 3, 3, 0.0 if selection == "d2" else 0.2, 0.3 if selection == "caffe" else 0.5, 6000, 6, 0.7)
+    batched = extract_regions(model, images, options, contextlib.nullcontext())
+    for image, together in zip(images, batched):
+        alone = extract_regions(model, [image], options, contextlib.nullcontext())[0]
+        for name in ("boxes", "features", "object_class", "object_score", "attr_class", "attr_score"):
+            np.testing.assert_array_equal(getattr(together, name), getattr(alone, name), err_msg=name)
+        height, width = image.original_hw
+        assert len(alone.boxes) == 3 and (alone.boxes[:, 2] <= width).all() and (alone.boxes[:, 3] <= height).all()
 
 
 def test_given_boxes_are_pooled_as_given(tiny_detector, single_torch_thread):
     import contextlib
 
-    image = preprocess((np.random.default_rng(2).random((50, 70, 3)) * 255).astype(np.uint8), 48, 80)
+    image = preprocess((np.random.default_rng(2).random((50, 70, 3)) * 255).astype(np.uint8), 48, 80, "caffe")
     image.given_boxes = np.asarray([[5, 5, 30, 40], [0, 0, 69, 49], [20, 10, 21, 11]], np.float32)
     options = SelectionOptions("caffe", 36, 36, 0.2, 0.3, 6000, 300, 0.7)
     regions = extract_regions(tiny_detector, [image], options, contextlib.nullcontext())[0]
@@ -301,7 +410,7 @@ def test_given_boxes_are_pooled_as_given(tiny_detector, single_torch_thread):
 def test_d2_selection_gives_regressed_boxes_in_original_pixels(tiny_detector, single_torch_thread):
     import contextlib
 
-    image = preprocess((np.random.default_rng(3).random((60, 80, 3)) * 255).astype(np.uint8), 48, 64)
+    image = preprocess((np.random.default_rng(3).random((60, 80, 3)) * 255).astype(np.uint8), 48, 64, "caffe")
     options = SelectionOptions("d2", 3, 3, 0.0, 0.5, 6000, 4, 0.7)
     regions = extract_regions(tiny_detector, [image], options, contextlib.nullcontext())[0]
     assert regions.boxes.shape == (3, 4) and regions.features.shape == (3, 2048)

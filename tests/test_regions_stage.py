@@ -4,6 +4,7 @@ shards. A random-initialised ResNet-50 detector at a small input size keeps it f
 from __future__ import annotations
 
 import json
+import shutil
 
 import h5py
 import numpy as np
@@ -12,7 +13,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from shnet.cache.store import config_hash
 from shnet.cli import main
+from shnet.pipeline.models.butd.conventions import CAFFE, D2
+from shnet.pipeline.models.butd.detector import BUTDDetector
 
 K = 4
 FAST = [
@@ -121,3 +125,46 @@ def test_option_errors_name_the_option(photo_dir, tmp_path):
     for assignment, message in cases.items():
         result = extract(photo_dir, "-o", tmp_path / "cache", *FAST, "--set", assignment)
         assert result.exit_code == 1 and message in result.output, result.output
+
+
+def checkpoint_with_bn_statistics(path, convention):
+    """An R-50 detector whose frozen BN is far from the identity, so zero padding would not stay zero."""
+    torch.manual_seed(11)
+    model = BUTDDetector(50, convention)
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name.endswith(("running_mean", "running_var", "norm.weight", "norm.bias")):
+                buffer.copy_(torch.rand_like(buffer) + 0.5)
+    torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.mark.parametrize("convention", [CAFFE, D2], ids=["caffe", "d2"])
+def test_batch_size_does_not_change_regions(photo_dir, tmp_path, convention):
+    """Batches of 5 mix the photos' sizes; each image gets bit for bit what it gets in a batch of 1."""
+    weights = checkpoint_with_bn_statistics(tmp_path / "bn.pth", convention)
+    caches = {}
+    for batch_size in (1, 5):
+        caches[batch_size] = tmp_path / f"batch{batch_size}"
+        result = extract(photo_dir, "-o", caches[batch_size], *FAST, "--set", f"regions.weights={weights}", "--batch-size", batch_size)
+        assert result.exit_code == 0, result.output
+    alone, mixed = read_regions(caches[1]), read_regions(caches[5])
+    ratios = {round(float(h) / float(w), 2) for h, w in mixed["image_hw"][:5]}
+    assert len(ratios) >= 3 and (mixed["num_boxes"] == K).all()
+    for name, values in alone.items():
+        np.testing.assert_array_equal(mixed[name], values, err_msg=name)
+
+
+def test_a_cache_of_earlier_numerics_is_refused(regions_cache, mixed_dir, tmp_path):
+    """A cache extracted before the per-checkpoint resize and unpadded batches records no ``numerics``:
+    new shards must not join it."""
+    old = tmp_path / "old"
+    shutil.copytree(regions_cache, old)
+    record = json.loads((old / "cache.json").read_text())
+    entry = record["stages"]["regions"]
+    del entry["config"]["numerics"]
+    entry["config_hash"] = config_hash({k: v for k, v in entry["config"].items() if k not in ("weights", "boxes")})
+    (old / "cache.json").write_text(json.dumps(record))
+    result = extract(mixed_dir, "-o", old, *FAST)
+    assert result.exit_code == 1
+    assert "regions.numerics: cache has None" in result.output and "different config" in result.output

@@ -23,6 +23,8 @@ SELECTIONS = ("caffe", "d2")
 DEPTHS = (50, 101)
 FIRST_NMS_IOU = {"caffe": 0.3, "d2": 0.5}
 FEATURE_DIM = 2048
+#: part of the config (the cache's identity): a cache made with earlier numerics is refused, not mixed
+NUMERICS = "2: each checkpoint's own resize, images never padded, caffe-convention NMS at IoU >= threshold"
 
 
 class RegionsStage(ImageStage):
@@ -70,6 +72,7 @@ class RegionsStage(ImageStage):
         config["weights_sha256"] = weights_identity(config["weights"])
         config["boxes_sha256"] = file_sha256(config["boxes"]) if config["boxes"] else ""
         config["slots"] = self._given_slots(config) if config["boxes"] else config["max_boxes"]
+        config["numerics"] = NUMERICS
         return config
 
     @staticmethod
@@ -180,9 +183,9 @@ class RegionsStage(ImageStage):
         return kept_rows, kept, failures, seconds
 
     def prepare(self, rgb, config, model):
-        from ..models.butd.detector import preprocess
+        from ..models.butd.preprocess import preprocess
 
-        return preprocess(rgb, config["min_size"], config["max_size"])
+        return preprocess(rgb, config["min_size"], config["max_size"], model.detector.convention.name)
 
     def infer(self, model, prepared, config, device):
         from ..models.butd.extract import extract_regions

@@ -3,6 +3,7 @@ torchvision ops with detectron2's parameter names, so both published checkpoints
 
 One module per job: ``conventions`` (the two published checkpoints' numerics), ``backbone`` (caffe
 ResNet + frozen BN), ``anchors``, ``box_coder``, ``rpn``, ``roi_heads``, ``selection`` (which boxes
-become "the" features), ``detector`` (assembly + preprocessing), ``checkpoint`` (name mapping and
-strict loading).
+become "the" features), ``preprocess`` (each checkpoint's input, as its extractor resizes it),
+``detector`` (assembly, never padding), ``extract`` (a batch -> each image's regions, one at a time),
+``checkpoint`` (name mapping and strict loading).
 """

@@ -91,19 +91,6 @@ class ResNetC4(nn.Module):
         return self.res4(self.res3(self.res2(self.stem(images))))
 
 
-def res4_size(height: int, width: int) -> tuple[int, int]:
-    """The res4 map size of an unpadded ``height`` x ``width`` input (conv/pool arithmetic of the stem
-    and the two stride-2 stages), so a padded batch proposes exactly the anchors an image alone would."""
-
-    def side(n: int) -> int:
-        n = (n + 2 * 3 - 7) // 2 + 1  # conv1 7x7/2, pad 3
-        n = -(-(n - 3) // 2) + 1  # max-pool 3x3/2, pad 0, ceil mode
-        n = (n - 1) // 2 + 1  # res3 1x1/2
-        return (n - 1) // 2 + 1  # res4 1x1/2
-
-    return side(height), side(width)
-
-
 def visual_genome_res5() -> nn.Sequential:
     """res5 as the VG model has it: first block stride 1, every 3x3 dilated by 2 (14x14 stays 14x14)."""
     return make_stage(3, 1024, 512, 2048, first_stride=1, dilation=2)

@@ -21,7 +21,8 @@ from ....errors import ShnetError
 from . import box_coder
 from .checkpoint import RANDOM_WEIGHTS, read_detector_state
 from .conventions import D2, NUM_ATTRIBUTES, NUM_OBJECTS
-from .detector import PIXEL_MEANS_BGR, BoxPredictions, PreparedImage
+from .detector import BoxPredictions
+from .preprocess import PIXEL_MEANS_BGR, PreparedImage
 
 VG_KEYS = ("CAFFE_MAXPOOL",)
 
@@ -73,7 +74,8 @@ class Detectron2Detector:
         return self.model.device
 
     def batch(self, prepared: list[PreparedImage]):
-        """detectron2's own normalisation and padding (the images go back to pixel values first)."""
+        """detectron2's own normalisation (the images go back to pixel values first); its padding adds
+        nothing: :func:`.extract.extract_regions` hands over one image at a time."""
         means = np.asarray(PIXEL_MEANS_BGR, np.float32)[:, None, None]
         return self.model.preprocess_image([{"image": torch.from_numpy(p.image + means)} for p in prepared])
 

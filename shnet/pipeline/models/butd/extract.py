@@ -1,5 +1,12 @@
 """One batch of prepared images -> each image's regions: features, boxes in original pixels, object
-and attribute predictions, chosen by the configured selection (or the given boxes, pooled as given)."""
+and attribute predictions, chosen by the configured selection (or the given boxes, pooled as given).
+
+The detector sees one image at a time, as the published extractors run it: a padded batch would
+change an image's regions with its batch-mates (zero padding is not neutral), and even a batch of
+same-size images changes them in the last bits (a convolution over N images or a linear layer over
+more rows sums in another order). Alone, an image gives the same bits in any batch; on a CPU the
+per-image calls cost no measurable throughput (the res5 head, most of the work, already runs
+hundreds of proposals per call)."""
 
 from __future__ import annotations
 
@@ -8,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import box_coder
-from .detector import BUTDDetector, PreparedImage
+from .detector import BUTDDetector
+from .preprocess import PreparedImage
 from .selection import caffe_keep, d2_detections, max_class_confidence
 
 
@@ -36,18 +43,23 @@ class ImageRegions:
 
 
 def extract_regions(model: BUTDDetector, prepared: list[PreparedImage], options: SelectionOptions, autocast) -> list[ImageRegions]:
+    """Each image's regions, in the order of ``prepared``."""
+    return [_extract_one(model, image, options, autocast) for image in prepared]
+
+
+def _extract_one(model: BUTDDetector, image: PreparedImage, options: SelectionOptions, autocast) -> ImageRegions:
     with torch.inference_mode():
         with autocast:
-            features = model.features(model.batch(prepared))
-            if prepared[0].given_boxes is not None:
-                boxes = [torch.as_tensor(p.given_boxes, dtype=torch.float32, device=model.device) * p.scale for p in prepared]
+            features = model.features(model.batch([image]))
+            if image.given_boxes is not None:
+                boxes = [image.to_resized(torch.as_tensor(image.given_boxes, dtype=torch.float32, device=model.device))]
             else:
-                boxes = model.proposals(features, prepared, options.pre_nms_topk, options.post_nms_topk, options.rpn_nms_iou)
-            predictions = model.predict(features, boxes, prepared)
-        if prepared[0].given_boxes is not None:
-            return [_given(pred, p) for pred, p in zip(predictions, prepared)]
+                boxes = model.proposals(features, [image], options.pre_nms_topk, options.post_nms_topk, options.rpn_nms_iou)
+            prediction = model.predict(features, boxes, [image])[0]
+        if image.given_boxes is not None:
+            return _given(prediction, image)
         choose = _caffe if options.selection == "caffe" else _d2
-        return [choose(pred, b, p, options) for pred, b, p in zip(predictions, boxes, prepared)]
+        return choose(prediction, boxes[0], image, options)
 
 
 def _regions(pred, index, boxes, object_class, object_score) -> ImageRegions:
@@ -63,9 +75,9 @@ def _regions(pred, index, boxes, object_class, object_score) -> ImageRegions:
 
 
 def _caffe(pred, proposals, image: PreparedImage, options: SelectionOptions) -> ImageRegions:
-    """Boxes = the kept proposals divided by the image scale; NMS on those with Caffe's pixel-inclusive
+    """Boxes = the kept proposals in original pixels; NMS on those with Caffe's pixel-inclusive
     overlap, as the extractor does whichever checkpoint produced the proposals."""
-    original = proposals.float() / image.scale
+    original = image.to_original(proposals.float())
     max_conf = max_class_confidence(original, pred.object_probs, options.nms_iou, plus_one=True)
     keep = caffe_keep(max_conf, options.conf_threshold, options.min_boxes, options.max_boxes)
     object_score, object_class = pred.object_probs[keep].max(dim=1)
@@ -73,13 +85,10 @@ def _caffe(pred, proposals, image: PreparedImage, options: SelectionOptions) -> 
 
 
 def _d2(pred, proposals, image: PreparedImage, options: SelectionOptions) -> ImageRegions:
-    """Boxes = the detections' regressed boxes, rescaled per axis to the original image and clipped;
-    detectron2's NMS (no +1), whichever checkpoint produced them."""
+    """Boxes = the detections' regressed boxes in original pixels; detectron2's NMS (no +1), whichever
+    checkpoint produced them."""
     found = d2_detections(pred.class_boxes, pred.object_probs, options.conf_threshold, options.max_boxes, options.nms_iou, plus_one=False)
-    (height, width), (resized_h, resized_w) = image.original_hw, image.resized_hw
-    scale = found.boxes.new_tensor([width / resized_w, height / resized_h, width / resized_w, height / resized_h])
-    boxes = box_coder.clip(found.boxes * scale, height, width, plus_one=False)
-    return _regions(pred, found.proposal, boxes, found.classes, found.scores)
+    return _regions(pred, found.proposal, image.to_original(found.boxes), found.classes, found.scores)
 
 
 def _given(pred, image: PreparedImage) -> ImageRegions:

@@ -11,7 +11,7 @@ from torch import nn
 
 from .backbone import ResNetC4, visual_genome_res5
 from .checkpoint import read_detector_state
-from .detector import PIXEL_MEANS_BGR
+from .preprocess import PIXEL_MEANS_BGR
 
 TRUNK_PREFIXES = ("backbone.", "roi_heads.res5.")
 #: the grid stage normalises RGB pixels as (x / 255 - mean) / std: these make it x - caffe mean

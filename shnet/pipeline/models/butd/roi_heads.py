@@ -49,9 +49,9 @@ class Res5ROIHeads(nn.Module):
         self.box_predictor = BoxPredictor(convention)
 
     def pooled_features(self, features: torch.Tensor, boxes: list[torch.Tensor]) -> torch.Tensor:
-        """Mean-pooled res5 output [sum(R_i), 2048] of every box (resized-image coordinates): the
-        boxes of all images of the batch go through res5 together, ``ROI_CHUNK`` at a time (a 14x14x2048
-        map per box: 300 boxes x 8 images at once would hold gigabytes per layer)."""
+        """Mean-pooled res5 output [sum(R_i), 2048] of every box (resized-image coordinates),
+        ``ROI_CHUNK`` boxes at a time (a 14x14x2048 map per box: thousands at once would hold
+        gigabytes per layer)."""
         rois = torch.cat(
             [torch.cat([torch.full((len(b), 1), i, dtype=b.dtype, device=b.device), b], dim=1) for i, b in enumerate(boxes)]
         )

@@ -54,25 +54,21 @@ class RPN(nn.Module):
         self,
         features: torch.Tensor,
         image_sizes: list[tuple[int, int]],
-        feature_sizes: list[tuple[int, int]],
-        scales: list[float],
+        scales: list[tuple[float, float]],
         pre_nms_topk: int,
         post_nms_topk: int,
         nms_iou: float,
     ) -> list[torch.Tensor]:
-        """Proposal boxes [P_i, 4] per image, in the coordinates of the resized image, best first.
-
-        ``feature_sizes`` are each image's own res4 size: positions beyond it (batch padding) propose nothing.
-        """
+        """Proposal boxes [P_i, 4] per image (one resized size, unpadded), in resized-image coordinates, best first."""
         logits, deltas = self.rpn_head(features)
         scores = self.object_scores(logits)
         b, _, height, width = deltas.shape
         deltas = deltas.float().view(b, ANCHORS_PER_POSITION, 4, height, width).permute(0, 3, 4, 1, 2)
+        anchors = grid_anchors(self.cell_anchors, height, width, self.stride)
         proposals = []
-        for i, ((img_h, img_w), (feat_h, feat_w)) in enumerate(zip(image_sizes, feature_sizes)):
-            anchors = grid_anchors(self.cell_anchors, feat_h, feat_w, self.stride)
-            image_scores = scores[i, :feat_h, :feat_w].reshape(-1)
-            image_deltas = deltas[i, :feat_h, :feat_w].reshape(-1, 4)
+        for i, (img_h, img_w) in enumerate(image_sizes):
+            image_scores = scores[i].reshape(-1)
+            image_deltas = deltas[i].reshape(-1, 4)
             boxes = box_coder.decode(image_deltas, anchors, self.convention.rpn_box_weights, self.convention.plus_one)
             select = self._caffe_order if self.convention.plus_one else self._d2_order
             boxes, image_scores = select(boxes, image_scores, img_h, img_w, scales[i], pre_nms_topk)
@@ -86,7 +82,7 @@ class RPN(nn.Module):
         keep = (boxes[:, 3] > boxes[:, 1]) & (boxes[:, 2] > boxes[:, 0])
         boxes, scores = boxes[keep], scores[keep]
         widths, heights = box_coder.box_sides(boxes, plus_one=True)
-        keep = (widths > CAFFE_MIN_SIDE * scale) & (heights > CAFFE_MIN_SIDE * scale)
+        keep = (widths > CAFFE_MIN_SIDE * scale[0]) & (heights > CAFFE_MIN_SIDE * scale[1])
         boxes, scores = boxes[keep], scores[keep]
         order = torch.sort(scores, descending=True, stable=True).indices[:topk]
         return boxes[order], scores[order]
