@@ -13,6 +13,7 @@ from pathlib import Path
 from .errors import ShnetError
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_CONTROL_BUT_NEWLINE = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]")
 HASH_BLOCK = 1 << 20
 
 
@@ -109,7 +110,8 @@ def writable_destination(path, what: str) -> Path:
     return path
 
 
-def terminal_safe(text) -> str:
+def terminal_safe(text, keep_newlines: bool = False) -> str:
     """``text`` with control characters (ESC, newlines, ...) written as escapes, so that a name read
-    from a file can never drive the terminal."""
-    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(text))
+    from a file can never drive the terminal; ``keep_newlines`` for shnet's own multi-line messages."""
+    pattern = _CONTROL_BUT_NEWLINE if keep_newlines else _CONTROL
+    return pattern.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(text))

@@ -155,7 +155,7 @@ def test_control_characters_never_reach_the_terminal(copy):
     atomic_write_parquet(copy / "images.parquet", images)
     output = shnet("inspect", copy, "--errors").output
     assert "\x1b" not in output and "\x07" not in output and "evil\\x1b]0;title\\x07" in output
-    assert terminal_safe("a\nb\x9b") == "a\\nb\\x9b"
+    assert terminal_safe("a\nb\x9b") == "a\\nb\\x9b" and terminal_safe("a\nb\x1b", keep_newlines=True) == "a\nb\\x1b"
 
 
 def test_an_output_under_a_file_is_refused_before_any_work(extracted, tmp_path):
@@ -292,7 +292,8 @@ def test_a_damaged_embedding_store_is_named_by_search_and_redone_by_encode(store
     refused(shnet("search", emb, "a query"), "1 of 3 images shard(s) are missing", "re-run the same `shnet encode`")
     result = shnet("encode", store / "run", "--cache", concept / "cache", "-o", emb, "--shard-size", 4, "--captions", concept / "captions.csv")
     assert result.exit_code == 0, result.output
-    assert shnet("search", emb, "a query").exit_code == 0
+    searched = shnet("search", emb, "a \x1b[2J query")
+    assert searched.exit_code == 0 and "\x1b" not in searched.output and "a \\x1b[2J query" in searched.output
     truncate(emb / "embeddings.json", 30)
     refused(shnet("search", emb, "a query"), str(emb / "embeddings.json"))
 

@@ -7,7 +7,7 @@ import json
 import click
 
 from ..errors import ShnetError
-from ..fileio import writable_destination
+from ..fileio import terminal_safe, writable_destination
 from .store import DTYPES
 
 
@@ -87,12 +87,13 @@ def search_command(store, queries, k, image_id, ann, as_json, html_path, device,
         click.echo(json.dumps([r.to_dict() for r in results], indent=2))
         return
     for result in results:
-        click.echo(f"{result.query}  ({result.method} search over {result.part})")
+        click.echo(f"{terminal_safe(result.query)}  ({result.method} search over {result.part})")
         for hit in result.hits:
             if result.part == "images":
-                click.echo(f"  {hit.rank:>3}  {hit.score:7.4f}  {hit.fields['image_id']}  {hit.fields['path']}")
+                line = f"{hit.fields['image_id']}  {hit.fields['path']}"
             else:
-                click.echo(f"  {hit.rank:>3}  {hit.score:7.4f}  {hit.fields['caption']}  [{hit.fields['image_id'] or hit.fields['image']}]")
+                line = f"{hit.fields['caption']}  [{hit.fields['image_id'] or hit.fields['image']}]"
+            click.echo(f"  {hit.rank:>3}  {hit.score:7.4f}  {terminal_safe(line)}")
 
 
 def _image_path(store: str, image_id: str) -> str:

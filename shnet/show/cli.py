@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ..errors import ShnetError
-from ..fileio import writable_destination
+from ..fileio import terminal_safe, writable_destination
 
 
 @click.command("show")
@@ -28,7 +28,7 @@ def show_command(cache, image_id, output, sample, seed, run, bert_path):
     if sample is not None:
         if run:
             raise ShnetError("--run draws pooling weights for one IMAGE_ID, not on a contact sheet")
-        page = contact_sheet(cache, output or "sheet.html", sample, seed, log=lambda m: click.echo(m, err=True))
+        page = contact_sheet(cache, output or "sheet.html", sample, seed, log=lambda m: click.echo(terminal_safe(m, keep_newlines=True), err=True))
         click.echo(f"contact sheet written to {page} (full panels in {page.stem}_files/)")
     else:
         click.echo(f"panels written to {show_image(cache, image_id, output or file_name(image_id) + '.png', run, bert_path)}")

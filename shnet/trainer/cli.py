@@ -9,6 +9,7 @@ import click
 from click.core import ParameterSource
 
 from ..errors import ShnetError
+from ..fileio import terminal_safe
 from .metrics import PROTOCOLS
 from .options import LEVELS, SEG_MAP_MODES, TEXT_ENCODERS, TrainOptions
 from .similarity_files import SIMS_LAYOUTS
@@ -17,7 +18,7 @@ _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainOptions) if f.de
 
 
 def _log(message: str) -> None:
-    click.echo(message, err=True)
+    click.echo(terminal_safe(message, keep_newlines=True), err=True)
 
 
 @click.command("train")
