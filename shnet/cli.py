@@ -98,7 +98,7 @@ def _csv(_ctx, _param, value):
 @click.option("--scheduler", metavar="ADDRESS", help="Use an existing Dask cluster (tcp://host:8786) instead of the embedded one.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--shard-size", type=click.IntRange(min=1), help="Images per shard (default 1000; fixed when the cache is created).")
-@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1), help="Images per model call.")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1), help="Images per model call (the regions detector takes them one at a time).")
 @click.option("--sample", is_flag=True, help="Extract the small sample image set bundled with shnet.")
 @click.option("--refuse-damaged", is_flag=True, help="Stop on a done shard whose files no longer match its done marker (default: redo it).")
 def extract(image_dirs, cache, stages, profile, overrides, workers, threads_per_worker, scheduler, device, shard_size, batch_size, sample, refuse_damaged):
