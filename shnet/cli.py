@@ -70,7 +70,7 @@ class ShnetGroup(click.Group):
         try:
             return super().invoke(ctx)
         except ShnetError as exc:
-            click.secho(f"shnet: error: {exc}", fg="red", err=True)
+            click.secho(f"shnet: error: {terminal_safe(exc, keep_newlines=True)}", fg="red", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
             click.secho("shnet: interrupted; everything completed so far is kept (re-run the same command to resume)", fg="yellow", err=True)

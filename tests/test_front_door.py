@@ -142,3 +142,10 @@ def test_inspect_fits_an_80_column_terminal(small_cache):
     assert any("saliency 64x64 float16" in line for line in lines)
     assert any(line.startswith("saliency: backend=spectral_residual") for line in lines)
     assert not any("…" in line for line in lines), out
+
+
+def test_error_lines_escape_control_characters(tmp_path):
+    result = CliRunner().invoke(main, ["extract", "--sample", "--profile", "\x1b[2Jred\x07", "-o", str(tmp_path / "c")])
+    assert result.exit_code == 1
+    assert "\x1b" not in result.output and "\x07" not in result.output
+    assert "\\x1b[2Jred\\x07" in result.output and "unknown profile" in result.output
