@@ -139,6 +139,9 @@ def extract(image_dirs, cache, stages, profile, overrides, workers, threads_per_
     else:
         console.print(summary_table(report))
     console.print(f"{report.num_images} images, {report.failed_images} could not be decoded, {report.wall_seconds:.1f}s.")
+    clipped = _clipped_given_boxes(report)
+    if clipped:
+        console.print(f"{clipped} given box(es) reached past their image and were clipped to it (per image: clipped_boxes in {report.cache}/regions/table).")
     if report.failed_images:
         console.print(
             f"See the failures with `shnet inspect {report.cache} --errors` or "
@@ -206,6 +209,16 @@ def inspect(cache, image_id, errors, as_json):
     for s in stages:
         if s.config:
             console.print(f"[bold]{s.name}[/bold]: " + "  ".join(f"{k}={_short(v)}" for k, v in s.config.items()), highlight=False)
+
+
+def _clipped_given_boxes(report) -> int:
+    """How many boxes of a regions.boxes file the regions stage clipped to their image."""
+    from .cache.store import Cache
+
+    if "regions" not in report.stages:
+        return 0
+    table = Cache(report.cache).stage_table("regions")
+    return int(table["clipped_boxes"].sum()) if "clipped_boxes" in table else 0
 
 
 def _short(value) -> str:

@@ -168,3 +168,26 @@ def test_a_cache_of_earlier_numerics_is_refused(regions_cache, mixed_dir, tmp_pa
     result = extract(mixed_dir, "-o", old, *FAST)
     assert result.exit_code == 1
     assert "regions.numerics: cache has None" in result.output and "different config" in result.output
+
+
+def test_given_boxes_are_clipped_to_the_image_and_boxes_outside_it_refused(photo_dir, tmp_path):
+    from PIL import Image
+
+    _, height = Image.open(photo_dir / "things" / "coffee.jpg").size
+    given = {
+        "things/coffee": [[-5, 10, 40, 1e30], [5, 5, 60, 60]],  # the first reaches past two edges
+        "animals/chelsea": [[10, 10, 20, 20], [5000, 10, 6000, 20]],  # the second lies wholly to the right
+    }
+    (tmp_path / "boxes.json").write_text(json.dumps(given))
+    cache = tmp_path / "cache"
+    result = extract(photo_dir, "-o", cache, *FAST, "--set", f"regions.boxes={tmp_path / 'boxes.json'}")
+    assert result.exit_code == 0, result.output
+    assert "1 given box(es) reached past their image and were clipped to it" in result.output
+    table = pd.read_parquet(cache / "regions" / "table").sort_values(["shard", "row"]).reset_index(drop=True)
+    arrays = read_regions(cache)
+    coffee = table.index[table["image_id"] == "things/coffee"][0]
+    np.testing.assert_array_equal(arrays["boxes"][coffee, :2], np.asarray([[0, 10, 40, height], [5, 5, 60, 60]], np.float32))
+    assert table.loc[coffee, "clipped_boxes"] == 1 and table.loc[coffee, "status"] == "ok"
+    assert np.abs(arrays["features"][coffee, :2].astype(np.float32)).sum(axis=1).min() > 0
+    chelsea = table[table["image_id"] == "animals/chelsea"].iloc[0]
+    assert chelsea["status"] == "error" and "1 of the 2 boxes of image 'animals/chelsea' lie wholly outside" in chelsea["error"]

@@ -61,3 +61,14 @@ def _from_frame(frame: pd.DataFrame) -> dict[str, np.ndarray]:
         str(image_id): group[list(COORDINATES)].to_numpy(np.float32)
         for image_id, group in frame.groupby("image_id", sort=False)
     }
+
+
+def clip_to_image(boxes: np.ndarray, height: int, width: int) -> tuple[np.ndarray, int, int]:
+    """Boxes clipped to the image's [0, width] x [0, height]; returns (clipped boxes, how many were
+    changed, how many lie wholly outside the image, which no clipping can turn into a region)."""
+    outside = (boxes[:, 0] >= width) | (boxes[:, 2] <= 0) | (boxes[:, 1] >= height) | (boxes[:, 3] <= 0)
+    clipped = np.stack(
+        [np.clip(boxes[:, 0], 0, width), np.clip(boxes[:, 1], 0, height), np.clip(boxes[:, 2], 0, width), np.clip(boxes[:, 3], 0, height)], axis=1
+    ).astype(np.float32)
+    changed = int((clipped != boxes).any(axis=1).sum())
+    return clipped, changed, int(outside.sum())

@@ -171,13 +171,23 @@ class RegionsStage(ImageStage):
         rows, prepared, failures, seconds = super()._decode_batch(chunk, config, model)
         if model.given is None:
             return rows, prepared, failures, seconds
+        from ..given_boxes import clip_to_image
+
         kept_rows, kept = [], []
         for row, item in zip(rows, prepared):
-            boxes = model.given.get(model.row_ids.get(row))
+            image_id = model.row_ids.get(row)
+            boxes = model.given.get(image_id)
             if boxes is None or not len(boxes):
-                failures.append((row, f"regions.boxes file {config['boxes']} gives no boxes for image {model.row_ids.get(row)!r}"))
+                failures.append((row, f"regions.boxes file {config['boxes']} gives no boxes for image {image_id!r}"))
                 continue
-            item.given_boxes = boxes
+            height, width = item.original_hw
+            item.given_boxes, item.clipped_boxes, outside = clip_to_image(boxes, height, width)
+            if outside:
+                failures.append(
+                    (row, f"regions.boxes file {config['boxes']}: {outside} of the {len(boxes)} boxes of image {image_id!r} lie wholly "
+                     f"outside its {width}x{height} pixels; fix or drop them")
+                )
+                continue
             kept_rows.append(row)
             kept.append(item)
         return kept_rows, kept, failures, seconds
@@ -210,7 +220,10 @@ class RegionsStage(ImageStage):
             arrays["boxes"][i, :count] = r.boxes[:count]
             for name in ("object_class", "object_score", "attr_class", "attr_score"):
                 arrays[name][i, :count] = getattr(r, name)[:count]
-        return StageOutput(arrays=arrays, scalars={"num_boxes": arrays["num_boxes"].copy()})
+        scalars = {"num_boxes": arrays["num_boxes"].copy()}
+        if config["boxes"]:
+            scalars["clipped_boxes"] = np.asarray([p.clipped_boxes for p in prepared], np.int32)
+        return StageOutput(arrays=arrays, scalars=scalars)
 
 
 class RegionsModel:

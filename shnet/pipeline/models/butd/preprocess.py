@@ -34,6 +34,7 @@ class PreparedImage:
     scale: tuple[float, float]  # (x, y): resized / original
     original_hw: tuple[int, int]
     given_boxes: np.ndarray | None = None  # [G, 4] in original pixels (regions.boxes mode)
+    clipped_boxes: int = 0  # how many of the given boxes reached past the image and were clipped
 
     @property
     def resized_hw(self) -> tuple[int, int]:
