@@ -279,16 +279,20 @@ def test_export_refuses_images_the_cache_lacks_and_odd_caption_counts(tmp_path):
     assert "was not made by `shnet import`; give --captions FILE" in result.output
 
 
+def record_reads_and_writes(monkeypatch, chunk_bytes: int) -> tuple[list, list]:
+    """Blocks of ``chunk_bytes``; every np.load's keyword arguments and every (array, rows) written."""
+    monkeypatch.setattr(npy_sets, "CHUNK_BYTES", chunk_bytes)
+    loads, written = [], []
+    real_load, real_write = np.load, ShardWriter.write
+    monkeypatch.setattr(np, "load", lambda *a, **k: loads.append(k) or real_load(*a, **k))
+    monkeypatch.setattr(ShardWriter, "write", lambda self, name, rows, values: written.append((name, len(values))) or real_write(self, name, rows, values))
+    return loads, written
+
+
 def test_streaming_reads_and_writes_bounded_chunks(tmp_path, monkeypatch):
     source = write_set(tmp_path / "set", {"train": 11}, dim=64)
     row_bytes = 36 * 64 * 4
-    monkeypatch.setattr(npy_sets, "CHUNK_BYTES", 3 * row_bytes)  # 3 images of features per block
-    loads = []
-    real_load = np.load
-    monkeypatch.setattr(np, "load", lambda *a, **k: loads.append(k) or real_load(*a, **k))
-    written = []
-    real_write = ShardWriter.write
-    monkeypatch.setattr(ShardWriter, "write", lambda self, name, rows, values: written.append((name, len(values))) or real_write(self, name, rows, values))
+    loads, written = record_reads_and_writes(monkeypatch, 3 * row_bytes)  # 3 images of features per block
     shnet("import", source, "-o", tmp_path / "cache", "--shard-size", 4)
     assert loads and all(k.get("mmap_mode") == "r" and not k.get("allow_pickle") for k in loads)
     feature_blocks = [size for name, size in written if name == "features"]
@@ -381,13 +385,8 @@ def test_per_image_region_files_import_and_export_byte_for_byte(tmp_path, monkey
         np.lib.format.write_array(handle, rng.standard_normal((36, 32)).astype(np.float32), version=(2, 0))
     np.save(features / f"{ids[4]}.npy", rng.standard_normal((29, 32)).astype(np.float16))
 
-    monkeypatch.setattr(npy_sets, "CHUNK_BYTES", 3 * 36 * 32 * 4)  # 3 images of features per block
-    loads = []
     real_load = np.load
-    monkeypatch.setattr(np, "load", lambda *a, **k: loads.append(k) or real_load(*a, **k))
-    written = []
-    real_write = ShardWriter.write
-    monkeypatch.setattr(ShardWriter, "write", lambda self, name, rows, values: written.append((name, len(values))) or real_write(self, name, rows, values))
+    loads, written = record_reads_and_writes(monkeypatch, 3 * 36 * 32 * 4)  # 3 images of features per block
     shnet("import", source, "-o", tmp_path / "cache", "--shard-size", 4)
     monkeypatch.setattr(np, "load", real_load)
     assert len(loads) >= 12 and all(k.get("mmap_mode") == "r" and not k.get("allow_pickle") for k in loads)
