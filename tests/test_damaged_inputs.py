@@ -192,6 +192,9 @@ def test_weights_that_are_not_weights(extracted, tmp_path):
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"\x80\x02" + bytes(range(200)))
     refused(shnet("evaluate", junk, "--cache", extracted), str(junk), "damaged pickle")
+    short = tmp_path / "short.pth"
+    short.write_bytes(b"junk")  # too short for torch's legacy header: struct.error inside torch.load
+    refused(shnet("evaluate", short, "--cache", extracted), str(short), "not a checkpoint")
     refused(shnet("evaluate", fifo, "--cache", extracted), str(fifo), "not a regular file")
 
 
