@@ -17,16 +17,8 @@ import numpy as np
 import pandas as pd
 
 from ...errors import ImageDecodeError, ShnetError
+from ...cache.schema import ArraySpec
 from ...cache.store import ShardWriter
-
-
-@dataclass(frozen=True)
-class ArraySpec:
-    """One per-image output array: its shape per image, dtype and fill value for failed images."""
-
-    shape: tuple
-    dtype: str
-    fill: float = 0
 
 
 @dataclass
