@@ -24,31 +24,38 @@ writer leaves only ``*.tmp-*`` files, which the next extract removes.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import socket
 import time
-import uuid
 from pathlib import Path
 from typing import Iterable, Mapping
 
 import h5py
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ..errors import CacheError
-from ..fileio import file_sha256, open_h5, read_json, read_parquet
+from ..fileio import (
+    DirectoryLock,
+    atomic_write_json,
+    atomic_write_parquet,
+    file_sha256,
+    open_h5,
+    publish,
+    read_json,
+    read_parquet,
+    remove_stale_temporaries,
+    temporary_name,
+)
 
 REPAIR_HINT = "see README 'Repairing a damaged cache'"
 SIGNATURES = {".h5": (b"\x89HDF\r\n\x1a\n", b""), ".parquet": (b"PAR1", b"PAR1")}
 FORMAT_VERSION = 1
 CACHE_RECORD = "cache.json"
 IMAGES_TABLE = "images.parquet"
-LOCK_FILE = ".lock"
+LOCK_FILE = DirectoryLock.FILE
 ERROR_LOG = "logs/extract-errors.log"
 IMAGE_COLUMNS = ["image_id", "path", "width", "height", "bytes", "shard", "row", "status", "error"]
 
@@ -60,32 +67,6 @@ def shard_stem(shard: int) -> str:
 def config_hash(config: Mapping) -> str:
     """A short stable digest of a JSON-able config."""
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    _atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
-
-
-def atomic_write_parquet(path: Path, frame: pd.DataFrame | pa.Table, **options) -> None:
-    """A pandas frame, or an Arrow table (for types pandas cannot express, e.g. fixed-size lists);
-    ``options`` go to the Parquet writer (compression, use_dictionary, ...)."""
-    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    if isinstance(frame, pa.Table):
-        pq.write_table(frame, tmp, **options)
-    else:
-        frame.to_parquet(tmp, index=False, **options)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 class Cache:
@@ -223,12 +204,7 @@ class Cache:
 
     def remove_stale_temporaries(self) -> int:
         """Delete ``*.tmp-*`` leftovers of interrupted writers; only call while holding the lock."""
-        removed = 0
-        for path in self.root.rglob("*.tmp-*"):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-                removed += 1
-        return removed
+        return remove_stale_temporaries(self.root)
 
 
 def vouch(path: Path) -> dict:
@@ -313,7 +289,7 @@ class ShardWriter:
         self.cache, self.stage, self.shard, self.num_rows = cache, stage, shard, num_rows
         cache.stage_dir(stage).joinpath("table").mkdir(parents=True, exist_ok=True)
         self.final = cache.array_path(stage, shard)
-        self.tmp = self.final.with_name(f"{self.final.name}.tmp-{uuid.uuid4().hex[:8]}")
+        self.tmp = temporary_name(self.final)
         self.h5 = h5py.File(self.tmp, "w")
         for key, value in attrs.items():
             self.h5.attrs[key] = value if isinstance(value, (int, float, str, np.ndarray)) else json.dumps(value, default=str)
@@ -349,9 +325,7 @@ class ShardWriter:
         table = table.assign(shard=np.int32(self.shard))
         self.h5.flush()
         self.h5.close()
-        with open(self.tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(self.tmp, self.final)
+        publish(self.tmp, self.final)
         for name, frame in self.further_tables.items():
             self.cache.table_path(self.stage, self.shard, name).parent.mkdir(parents=True, exist_ok=True)
             atomic_write_parquet(self.cache.table_path(self.stage, self.shard, name), frame)
@@ -386,44 +360,11 @@ class ShardWriter:
             self.abort()
 
 
-class CacheLock:
-    """An exclusive, process-lifetime lock on a cache (released by the OS if the process dies)."""
+class CacheLock(DirectoryLock):
+    """The extract's exclusive, process-lifetime lock on a cache (released by the OS if the process dies)."""
 
     def __init__(self, root: str | Path):
-        self.path = Path(root) / LOCK_FILE
-        self.fh = None
-
-    def acquire(self) -> "CacheLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(self.path, "a+")
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
-            fh.close()
-            raise CacheError(
-                f"{self.path.parent} is being written by another `shnet extract` ({holder}); "
-                "wait for it to finish (a cache takes one writer at a time)"
-            ) from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        fh.flush()
-        self.fh = fh
-        return self
-
-    def release(self) -> None:
-        if self.fh is not None:
-            fcntl.flock(self.fh.fileno(), fcntl.LOCK_UN)
-            self.fh.close()
-            self.fh = None
-
-    def __enter__(self) -> "CacheLock":
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
+        super().__init__(root, "shnet extract", CacheError)
 
 
 def stage_config_recorded(cache: Cache, stage: str, config: Mapping, location_keys: Iterable[str] = ()) -> bool:
