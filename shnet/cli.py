@@ -1,9 +1,9 @@
-"""The ``shnet`` command line: extract, inspect, verify, train, evaluate, import, export, encode, search, show, demo."""
+"""The ``shnet`` command line: the group, its version and top-level error handling. Every command lives
+in its area's ``cli.py`` and loads lazily (:data:`LAZY_COMMANDS`), its one-line help read from source."""
 
 from __future__ import annotations
 
 import ast
-import json
 import sys
 from importlib import import_module, util
 
@@ -13,9 +13,12 @@ from .errors import ShnetError
 from .fileio import terminal_safe
 
 
-# Commands defined in other modules, imported only when run or asked for their own help, so that
-# `shnet --help` and the light commands never pay for torch, transformers or dask.distributed.
+# Every command, imported only when run or asked for its own help, so that `shnet --help` and the
+# light commands never pay for torch, transformers or dask.distributed.
 LAZY_COMMANDS = {
+    "extract": "shnet.pipeline.cli:extract_command",
+    "inspect": "shnet.cache.cli:inspect_command",
+    "verify": "shnet.cache.cli:verify_command",
     "train": "shnet.trainer.cli:train_command",
     "evaluate": "shnet.trainer.cli:evaluate_command",
     "import": "shnet.commands.npy_sets:import_command",
@@ -81,173 +84,3 @@ class ShnetGroup(click.Group):
 @click.version_option(package_name="shnet")
 def main():
     """Image folders to a trained 3SHNet image-sentence retrieval model."""
-
-
-def _csv(_ctx, _param, value):
-    return [v.strip() for v in value.split(",") if v.strip()] if value else None
-
-
-@main.command()
-@click.argument("image_dirs", nargs=-1, type=click.Path(file_okay=False))
-@click.option("-o", "--output", "cache", required=True, type=click.Path(file_okay=False), help="Cache directory (created if new, resumed if not).")
-@click.option("--stages", callback=_csv, help="Comma-separated stages (default: those in the profile); needed stages are added.")
-@click.option("--profile", default="default", show_default=True, help="A shipped profile name or a YAML file.")
-@click.option("--set", "overrides", multiple=True, metavar="STAGE.KEY=VALUE", help="Override a stage option, e.g. grid.weights=/path/resnet152.pth.")
-@click.option("--workers", type=click.IntRange(min=1), help="Worker processes of the embedded cluster (default: min(cores, 4); GPUs with --device cuda).")
-@click.option("--threads-per-worker", default=1, show_default=True, type=click.IntRange(min=1), help="Concurrent tasks per worker.")
-@click.option("--scheduler", metavar="ADDRESS", help="Use an existing Dask cluster (tcp://host:8786) instead of the embedded one.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--shard-size", type=click.IntRange(min=1), help="Images per shard (default 1000; fixed when the cache is created).")
-@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1), help="Images per model call (the regions detector takes them one at a time).")
-@click.option("--sample", is_flag=True, help="Extract the small sample image set bundled with shnet.")
-@click.option("--refuse-damaged", is_flag=True, help="Stop on a done shard whose files no longer match its done marker (default: redo it).")
-def extract(image_dirs, cache, stages, profile, overrides, workers, threads_per_worker, scheduler, device, shard_size, batch_size, sample, refuse_damaged):
-    """Precompute features of every image in IMAGE_DIRS into the shard cache."""
-    from rich.console import Console
-
-    from .cache import Cache
-    from .pipeline.progress import summary_table
-    from .pipeline.runner import ExtractRequest, run_extract
-
-    dirs = list(image_dirs)
-    if sample:
-        from .data import sample_images_dir
-
-        dirs.append(str(sample_images_dir()))
-    if not dirs:
-        raise ShnetError("give at least one IMAGE_DIR (or --sample for the bundled sample images)")
-    request = ExtractRequest(
-        image_dirs=dirs,
-        cache=cache,
-        stages=stages,
-        profile=profile,
-        overrides=list(overrides),
-        workers=workers,
-        threads_per_worker=threads_per_worker,
-        scheduler=scheduler,
-        device=device,
-        shard_size=shard_size,
-        batch_size=batch_size,
-        refuse_damaged=refuse_damaged,
-    )
-    report = run_extract(request)
-    console = Console()
-    for stage, shard, problem in report.redone:
-        console.print(f"{stage} shard {shard} was damaged ({problem}); redone.", markup=False, highlight=False)
-    if report.nothing_to_do:
-        console.print(f"{report.cache}: every shard of {', '.join(report.stages)} is already complete; nothing to do.")
-    else:
-        console.print(summary_table(report))
-    console.print(f"{report.num_images} images, {report.failed_images} could not be decoded, {report.wall_seconds:.1f}s.")
-    clipped = _clipped_given_boxes(report)
-    if clipped:
-        console.print(f"{clipped} given box(es) reached past their image and were clipped to it (per image: clipped_boxes in {report.cache}/regions/table).")
-    if report.failed_images:
-        console.print(
-            f"See the failures with `shnet inspect {report.cache} --errors` or "
-            f"pd.read_parquet('{report.cache}/images.parquet').query(\"status == 'error'\")."
-        )
-    if report.failed_shards:
-        lines = "\n".join(f"  {stage} shard {shard}: {error}" for stage, shard, error in report.failed_shards)
-        raise ShnetError(
-            f"{len(report.failed_shards)} shard(s) failed (completed shards are kept; re-run to retry):\n{lines}\n"
-            f"Full tracebacks: {Cache.error_log_path(report.cache)}"
-        )
-
-
-@main.command()
-@click.argument("cache", type=click.Path(exists=True, file_okay=False))
-@click.option("--image", "image_id", help="Show everything stored for one image_id.")
-@click.option("--errors", is_flag=True, help="List the images that could not be decoded.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def inspect(cache, image_id, errors, as_json):
-    """Show what a cache holds: stages, shards, images, failures, arrays, config."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from .cache.inspect import describe_image, summarise_cache
-    from .cache.store import Cache
-
-    store = Cache(cache)
-    console = Console()
-    if image_id:
-        info = describe_image(store, image_id)
-        click.echo(json.dumps(info, indent=2, default=str))
-        return
-    if errors:
-        frame = store.images()
-        failed = frame[frame["status"] == "error"][["image_id", "path", "error"]]
-        if as_json:
-            click.echo(failed.to_json(orient="records", indent=2))
-        else:
-            console.print(f"{len(failed)} image(s) with errors" + (":" if len(failed) else ""))
-            for row in failed.itertuples():
-                console.print(f"  {terminal_safe(row.image_id)}  {terminal_safe(row.error)}  ({terminal_safe(row.path)})", markup=False)
-        return
-    overview, stages = summarise_cache(store)
-    if as_json:
-        click.echo(json.dumps({"cache": overview, "stages": [s.__dict__ for s in stages]}, indent=2, default=str))
-        return
-    console.print(
-        f"[bold]{overview['cache']}[/bold]  format {overview['format_version']}  {overview['images']} images "
-        f"({overview['images_ok']} ok, {overview['images_error']} errors, {overview['images_pending']} not probed)  "
-        f"{overview['shards']} shards of {overview['shard_size']}"
-    )
-    if overview["captions"]:
-        console.print("captions: " + ", ".join(f"{split} {count}" for split, count in overview["captions"].items()))
-    table = Table()
-    for column in ("stage", "shards", "ok", "errors", "size", "arrays (per image)"):
-        table.add_column(column, no_wrap=column != "arrays (per image)")
-    for s in stages:
-        arrays = "\n".join(f"{k} {'x'.join(map(str, v['shape'])) or 'scalar'} {v['dtype']}" for k, v in s.arrays.items())
-        shards = f"{s.shards_done}/{s.shards_total}" + (f" ({len(s.damaged)} unreadable)" if s.damaged else "")
-        table.add_row(s.name, shards, str(s.images_ok), str(s.images_error), _human_bytes(s.bytes_on_disk), arrays)
-    console.print(table)
-    for s in stages:
-        for shard, problem in sorted(s.damaged.items()):
-            console.print(f"unreadable: {s.name} shard {shard}: {terminal_safe(problem)}; {store.redo_hint(s.name, shard)}", style="red", markup=False, highlight=False)
-    for s in stages:
-        if s.config:
-            console.print(f"[bold]{s.name}[/bold]: " + "  ".join(f"{k}={_short(v)}" for k, v in s.config.items()), highlight=False)
-
-
-def _clipped_given_boxes(report) -> int:
-    """How many boxes of a regions.boxes file the regions stage clipped to their image."""
-    from .cache.store import Cache
-
-    if "regions" not in report.stages:
-        return 0
-    table = Cache(report.cache).stage_table("regions")
-    return int(table["clipped_boxes"].sum()) if "clipped_boxes" in table else 0
-
-
-def _short(value) -> str:
-    """A config value for the terminal: hashes cut to 12 characters (``--json`` keeps them whole)."""
-    text = str(value)
-    return text[:12] + "..." if len(text) == 64 and all(c in "0123456789abcdef" for c in text) else text
-
-
-@main.command()
-@click.argument("cache", type=click.Path(exists=True, file_okay=False))
-@click.option("--quick", is_flag=True, help="Check the sizes done markers vouch for, not the sha256 of every file.")
-def verify(cache, quick):
-    """Open every shard and check it against its done marker and the tables; exit 1 on any problem."""
-    from .cache.inspect import verify_cache
-    from .cache.store import Cache
-
-    result = verify_cache(Cache(cache), quick=quick)
-    for warning in result.warnings:
-        click.echo(f"warning: {terminal_safe(warning)}")
-    for problem in result.problems:
-        click.secho(f"problem: {terminal_safe(problem)}", fg="red")
-    if result.problems:
-        raise ShnetError(f"{cache}: {len(result.problems)} problem(s) in {result.checked_shards} checked shard(s)")
-    click.echo(f"{cache}: {result.checked_shards} shard(s) verified, no problems.")
-
-
-def _human_bytes(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
