@@ -17,7 +17,7 @@ from shnet.cache import Cache, write_stage
 from shnet.cli import main
 from shnet.data import coco_panoptic_categories
 from shnet.pipeline import segmaps
-from shnet.pipeline.segmaps import VOID
+from shnet.cache.schema import VOID
 from shnet.pipeline.stages import with_dependencies
 
 from panoptic_helpers import blocky_annotations

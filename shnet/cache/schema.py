@@ -197,10 +197,8 @@ def check_arrays(stage: str, arrays: Mapping[str, tuple[tuple, np.dtype]], impor
                     continue
                 value, origin = bound.setdefault(symbol, (size, name))
                 if value != size:
-                    where = f"'{origin}'" if origin != name else "its other axes"
-                    problems.append(
-                        f"array '{name}' has per-image shape {_shape_text(shape)}, so {symbol}={size}, but {where} give {symbol}={value}"
-                    )
+                    other = "its other axes give" if origin == name else f"'{origin}' gives"
+                    problems.append(f"array '{name}' has per-image shape {_shape_text(shape)}, so {symbol}={size}, but {other} {symbol}={value}")
         if imported:
             if dtype.kind not in "biuf":
                 problems.append(f"array '{name}' has dtype {dtype}, not a number type")

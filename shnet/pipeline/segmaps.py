@@ -33,12 +33,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..cache.schema import NUM_CLASSES, SEG_CELLS, SEG_MAP_SIZE, VOID
 from ..data import coco_panoptic_categories
 
-VOID = 255
-NUM_CLASSES = 133
-SEG_MAP_SIZE = 64
-CELLS = 7
 PRESENT_MIN_PIXELS = 100
 
 
@@ -192,12 +189,12 @@ def pad_map(class_map: np.ndarray, resolution: int) -> np.ndarray:
     return canvas
 
 
-def cell_bounds(size: int, cells: int = CELLS) -> list[tuple[int, int]]:
+def cell_bounds(size: int, cells: int = SEG_CELLS) -> list[tuple[int, int]]:
     """Adaptive-average-pooling cell bounds along one axis: [floor(i*size/n), ceil((i+1)*size/n))."""
     return [((i * size) // cells, -((-(i + 1) * size) // cells)) for i in range(cells)]
 
 
-def cell_area_fractions(class_map: np.ndarray, cells: int = CELLS) -> np.ndarray:
+def cell_area_fractions(class_map: np.ndarray, cells: int = SEG_CELLS) -> np.ndarray:
     """[133, cells, cells] fraction of each cell's pixels that each class covers (void counts in the
     cell's area, so a cell sums to at most 1): the one-hot class map average-pooled."""
     out = np.zeros((NUM_CLASSES, cells, cells), dtype=np.float32)

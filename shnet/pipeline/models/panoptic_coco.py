@@ -22,7 +22,8 @@ from PIL import Image
 
 from ...data import coco_panoptic_categories
 from ...errors import ShnetError
-from ..segmaps import CELLS, NUM_CLASSES, PanopticResult, segments_from_id_map
+from ...cache.schema import NUM_CLASSES, SEG_CELLS
+from ..segmaps import PanopticResult, segments_from_id_map
 from .panoptic_labels import match_labels, read_label_map
 
 
@@ -52,7 +53,7 @@ class CocoPanopticAnnotations:
         class_map, segments = segments_from_id_map(segment_ids, classes)
         for segment in segments:
             segment["score"] = float("nan")
-        return PanopticResult(class_map=class_map, segments=segments, probs=np.zeros((NUM_CLASSES, CELLS, CELLS), np.float32))
+        return PanopticResult(class_map=class_map, segments=segments, probs=np.zeros((NUM_CLASSES, SEG_CELLS, SEG_CELLS), np.float32))
 
 
 def default_annotation_dir(json_path: str) -> Path:

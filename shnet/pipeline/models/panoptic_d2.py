@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from ...checkpoints import load_weights_file, mismatch_report, to_tensor_dict
 from ...data import coco_panoptic_categories
 from ...errors import ShnetError
-from ..segmaps import CELLS, NUM_CLASSES, VOID, PanopticResult, segments_from_id_map
+from ...cache.schema import NUM_CLASSES, SEG_CELLS, VOID
+from ..segmaps import PanopticResult, segments_from_id_map
 from .panoptic_labels import match_labels, read_label_map
 
 WEIGHT_NAMES = ("model_final.pkl", "model_final.pth", "model.pkl", "model.pth")
@@ -154,14 +155,14 @@ def _one_image(bundle: Detectron2Panoptic, out: dict) -> PanopticResult:
 
 
 def _pooled_probabilities(bundle: Detectron2Panoptic, out: dict) -> np.ndarray:
-    probs = np.zeros((NUM_CLASSES, CELLS, CELLS), dtype=np.float32)
-    stuff = F.adaptive_avg_pool2d(out["sem_seg"].float().softmax(0)[None], CELLS)[0].cpu().numpy()
+    probs = np.zeros((NUM_CLASSES, SEG_CELLS, SEG_CELLS), dtype=np.float32)
+    stuff = F.adaptive_avg_pool2d(out["sem_seg"].float().softmax(0)[None], SEG_CELLS)[0].cpu().numpy()
     known = bundle.stuff_lut[: len(stuff)] != VOID
     np.add.at(probs, bundle.stuff_lut[: len(stuff)][known], stuff[known])
     instances = out["instances"]
     if len(instances):
         masks = instances.pred_masks.float() * instances.scores.float()[:, None, None]
-        pooled = F.adaptive_avg_pool2d(masks[None], CELLS)[0].cpu().numpy()
+        pooled = F.adaptive_avg_pool2d(masks[None], SEG_CELLS)[0].cpu().numpy()
         targets = bundle.thing_lut[instances.pred_classes.cpu().numpy()]
         known = targets != VOID
         np.add.at(probs, targets[known], pooled[known])

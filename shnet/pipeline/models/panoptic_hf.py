@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 from ...data import coco_panoptic_categories
 from ...errors import ShnetError
-from ..segmaps import CELLS, NUM_CLASSES, VOID, PanopticResult, segments_from_id_map
+from ...cache.schema import NUM_CLASSES, SEG_CELLS, VOID
+from ..segmaps import PanopticResult, segments_from_id_map
 from .panoptic_labels import match_labels, read_label_map
 
 SUPPORTED = ("mask2former", "maskformer", "oneformer")
@@ -186,7 +187,7 @@ def _pixel_probabilities(lut: np.ndarray, class_logits: torch.Tensor, masks: tor
 def _pooled_probabilities(lut: np.ndarray, class_logits: torch.Tensor, masks: torch.Tensor) -> np.ndarray:
     """[133,7,7]: per-pixel class probabilities averaged per cell, model classes summed into COCO classes."""
     class_probs = class_logits.softmax(-1)[:, :-1]
-    pooled_masks = F.adaptive_avg_pool2d(masks.sigmoid()[None], CELLS)[0]
+    pooled_masks = F.adaptive_avg_pool2d(masks.sigmoid()[None], SEG_CELLS)[0]
     return _coco_classes(lut, torch.einsum("qc,qhw->chw", class_probs, pooled_masks).numpy())
 
 

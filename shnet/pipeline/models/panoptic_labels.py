@@ -18,7 +18,7 @@ import yaml
 
 from ...data import coco_panoptic_categories
 from ...errors import ShnetError
-from ..segmaps import VOID
+from ...cache.schema import VOID
 
 _SUFFIXES = ("-merged", "-other", "-stuff")
 

@@ -11,12 +11,13 @@ import torch
 
 from ...checkpoints import weights_identity
 from ...errors import ShnetError
-from .base import ArraySpec, ImageStage, StageOutput
+from ...cache import schema
+from .base import ImageStage, StageOutput
 from .devices import autocast_for, to_device
 
 
 class GridStage(ImageStage):
-    name = "grid"
+    name = schema.GRID
     defaults = {"model": "resnet152", "weights": None, "input_size": 512, "resize": "stretch"}
     location_keys = ("weights",)
     description = "CNN grid features [h, w, C] from torchvision/timm backbones"
@@ -43,11 +44,7 @@ class GridStage(ImageStage):
         return to_device(build_grid_backbone(config["model"], config["weights"]), device)
 
     def outputs(self, config, model):
-        cells = config["input_size"] // model.stride
-        return {
-            "grid": ArraySpec((cells, cells, model.channels), "float16"),
-            "valid_hw": ArraySpec((2,), "int16"),
-        }
+        return schema.specs(schema.GRID, G=config["input_size"] // model.stride, C=model.channels)
 
     def attrs(self, config, model):
         return {"model": config["model"], "weights_sha256": config["weights_sha256"], "stride": model.stride}
@@ -66,5 +63,5 @@ class GridStage(ImageStage):
         with torch.inference_mode(), autocast_for(device):
             features = model(images.to(device, non_blocking=True))
         grid = features.permute(0, 2, 3, 1).to(torch.float16).cpu().numpy()
-        return StageOutput(arrays={"grid": grid, "valid_hw": valid})
+        return StageOutput(arrays={schema.GRID_FEATURES: grid, schema.VALID_HW: valid})
 

@@ -30,14 +30,12 @@ import h5py
 import numpy as np
 import pandas as pd
 
+from ...cache import schema
+from ...cache.schema import GEOMETRY_DIM, NUM_CLASSES, VOID, ArraySpec, valid_rows
 from ...cache.store import Cache, ShardWriter
 from ...errors import ShnetError
 from ..segmaps import (
-    CELLS,
     CLASS_ORDERS,
-    NUM_CLASSES,
-    SEG_MAP_SIZE,
-    VOID,
     box_class_histograms,
     box_geometry,
     box_mean_saliency,
@@ -49,7 +47,7 @@ from ..segmaps import (
     present_classes,
     seg_map_from_stored,
 )
-from .base import ArraySpec, ShardJob, Stage
+from .base import ShardJob, Stage
 
 SEG_FEAT_SOURCES = ("area", "probs")
 VOID_HANDLING = ("fill", "keep")
@@ -57,9 +55,9 @@ SAMPLING_BEFORE_OPTION = "centre"  # caches whose panoptic config predates panop
 
 
 class LayoutStage(Stage):
-    name = "layout"
-    requires = ("panoptic",)
-    uses = ("regions", "saliency")
+    name = schema.LAYOUT
+    requires = (schema.PANOPTIC,)
+    uses = (schema.REGIONS, schema.SALIENCY)
     defaults = {"seg_feat": "area", "void": "fill", "class_order": "coco"}
     description = "3SHNet inputs seg_feat, seg_map, cat_onehot (+ per-region class histograms, saliency, geometry)"
 
@@ -76,20 +74,11 @@ class LayoutStage(Stage):
         return {"class_order": config["class_order"], "class_names": [names[i] for i in order]}
 
     def outputs(self, config, model):
-        return {
-            "seg_feat": ArraySpec((NUM_CLASSES, CELLS, CELLS), "float16"),
-            "seg_map": ArraySpec((SEG_MAP_SIZE, SEG_MAP_SIZE), "uint8", VOID),
-            "cat_onehot": ArraySpec((NUM_CLASSES,), "uint8"),
-        }
+        return schema.specs(schema.LAYOUT, schema.LAYOUT_INPUTS)
 
     def region_outputs(self, boxes_per_image: int, with_saliency: bool) -> dict[str, ArraySpec]:
-        specs = {
-            "region_class_hist": ArraySpec((boxes_per_image, NUM_CLASSES), "float16"),
-            "region_geometry": ArraySpec((boxes_per_image, 7), "float32"),
-        }
-        if with_saliency:
-            specs["region_saliency"] = ArraySpec((boxes_per_image,), "float16")
-        return specs
+        names = schema.LAYOUT_REGION_ARRAYS if with_saliency else (schema.REGION_CLASS_HIST, schema.REGION_GEOMETRY)
+        return schema.specs(schema.LAYOUT, names, K=boxes_per_image)
 
     def run(self, job: ShardJob, writer: ShardWriter, model) -> pd.DataFrame:
         cache = Cache(job.cache_root)
@@ -113,7 +102,7 @@ class LayoutStage(Stage):
         if status != "ok":
             return {"row": row, "status": "error", "error": f"panoptic: {error}", "seconds": 0.0, "num_present": 0}
         map_h, map_w = (int(v) for v in inputs.map_hw[row])
-        stored = inputs.panoptic["class_map"][row, :map_h, :map_w]
+        stored = inputs.panoptic[schema.CLASS_MAP][row, :map_h, :map_w]
         categories, areas = inputs.segments_of(row)
         if job.config["void"] == "fill":
             semantic = inputs.semantic_map[row, :map_h, :map_w] if inputs.semantic_map is not None else None
@@ -126,10 +115,10 @@ class LayoutStage(Stage):
         if job.config["seg_feat"] == "area":
             seg_feat = float16_at_most(cell_area_fractions(stored))
         else:
-            seg_feat = inputs.panoptic["probs"][row][np.argsort(lut[:NUM_CLASSES])]
-        writer.write("seg_feat", row, seg_feat)
-        writer.write("seg_map", row, seg_map_from_stored(stored, inputs.sampling))
-        writer.write("cat_onehot", row, onehot)
+            seg_feat = inputs.panoptic[schema.PROBS][row][np.argsort(lut[:NUM_CLASSES])]
+        writer.write(schema.SEG_FEAT, row, seg_feat)
+        writer.write(schema.SEG_MAP, row, seg_map_from_stored(stored, inputs.sampling))
+        writer.write(schema.CAT_ONEHOT, row, onehot)
         if inputs.boxes is not None:
             self._regions(writer, inputs, row, stored)
         return {"row": row, "status": "ok", "error": "", "seconds": time.perf_counter() - start, "num_present": int(onehot.sum())}
@@ -140,18 +129,18 @@ class LayoutStage(Stage):
         image_hw = tuple(int(v) for v in inputs.image_hw[row])
         if count == 0 or min(image_hw) <= 0:
             return
-        boxes = inputs.boxes[row, :count]
+        boxes = valid_rows(inputs.boxes[row], count)
         k = inputs.boxes.shape[1]
         hist = np.zeros((k, NUM_CLASSES), np.float16)
         hist[:count] = float16_at_most(box_class_histograms(stored, boxes, image_hw))
-        geometry = np.zeros((k, 7), np.float32)
+        geometry = np.zeros((k, GEOMETRY_DIM), np.float32)
         geometry[:count] = box_geometry(boxes, image_hw)
-        writer.write("region_class_hist", row, hist)
-        writer.write("region_geometry", row, geometry)
+        writer.write(schema.REGION_CLASS_HIST, row, hist)
+        writer.write(schema.REGION_GEOMETRY, row, geometry)
         if inputs.saliency is not None:
             saliency = np.zeros(k, np.float16)
             saliency[:count] = box_mean_saliency(inputs.saliency[row], boxes, image_hw)
-            writer.write("region_saliency", row, saliency)
+            writer.write(schema.REGION_SALIENCY, row, saliency)
 
 
 def _with_filled_areas(categories, areas, stored: np.ndarray, filled: np.ndarray, full_hw: tuple[int, int]):
@@ -171,23 +160,23 @@ class _ShardInputs:
 
     def __init__(self, cache: Cache, shard: int):
         self.files: list[h5py.File] = []
-        self.panoptic = self._open(cache, "panoptic", shard)
-        self.map_hw = self.panoptic["map_hw"][:]
-        self.semantic_map = self.panoptic["semantic_map"] if "semantic_map" in self.panoptic else None
-        self.sampling = (cache.stage_config("panoptic") or {}).get("seg_map_sampling", SAMPLING_BEFORE_OPTION)
-        table = pd.read_parquet(cache.table_path("panoptic", shard))
+        self.panoptic = self._open(cache, schema.PANOPTIC, shard)
+        self.map_hw = self.panoptic[schema.MAP_HW][:]
+        self.semantic_map = self.panoptic[schema.SEMANTIC_MAP] if schema.SEMANTIC_MAP in self.panoptic else None
+        self.sampling = (cache.stage_config(schema.PANOPTIC) or {}).get("seg_map_sampling", SAMPLING_BEFORE_OPTION)
+        table = pd.read_parquet(cache.table_path(schema.PANOPTIC, shard))
         self.table = table.set_index("row")
-        segments = pd.read_parquet(cache.table_path("panoptic", shard, "segments"), columns=["image_id", "category", "area"])
+        segments = pd.read_parquet(cache.table_path(schema.PANOPTIC, shard, "segments"), columns=["image_id", "category", "area"])
         self.segments = {image_id: part for image_id, part in segments.groupby("image_id", sort=False)}
         self.boxes = self.num_boxes = self.image_hw = self.saliency = None
         stages = set(cache.recorded_stages())
-        if "regions" in stages:
-            regions = self._open(cache, "regions", shard)
-            self.boxes = regions["boxes"][:]
-            self.num_boxes = regions["num_boxes"][:]
-            self.image_hw = regions["image_hw"][:]
-            if "saliency" in stages:
-                self.saliency = self._open(cache, "saliency", shard)["saliency"]
+        if schema.REGIONS in stages:
+            regions = self._open(cache, schema.REGIONS, shard)
+            self.boxes = regions[schema.BOXES][:]
+            self.num_boxes = regions[schema.NUM_BOXES][:]
+            self.image_hw = regions[schema.IMAGE_HW][:]
+            if schema.SALIENCY in stages:
+                self.saliency = self._open(cache, schema.SALIENCY, shard)[schema.SALIENCY_MAP]
 
     def _open(self, cache: Cache, stage: str, shard: int) -> h5py.File:
         if not cache.is_done(stage, shard):

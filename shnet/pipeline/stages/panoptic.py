@@ -25,13 +25,11 @@ import numpy as np
 import pandas as pd
 
 from ...checkpoints import weights_identity
+from ...cache import schema
+from ...cache.schema import SEG_MAP_SIZE, VOID
 from ...errors import ShnetError
 from ..segmaps import (
-    CELLS,
-    NUM_CLASSES,
-    SEG_MAP_SIZE,
     SAMPLINGS,
-    VOID,
     PanopticResult,
     category_names,
     downsample_for_storage,
@@ -39,7 +37,7 @@ from ..segmaps import (
     stored_most_probable,
     thing_flags,
 )
-from .base import ArraySpec, ImageStage, ShardJob, StageOutput
+from .base import ImageStage, ShardJob, StageOutput
 
 BACKENDS = ("hf", "coco", "detectron2")
 SEGMENT_COLUMNS = ["image_id", "segment", "category", "category_name", "is_thing", "area", "bbox_x", "bbox_y", "bbox_w", "bbox_h", "score"]
@@ -56,7 +54,7 @@ _SEGMENTS = "_segments"  # per-image segment lists carried through ImageStage.ru
 
 
 class PanopticStage(ImageStage):
-    name = "panoptic"
+    name = schema.PANOPTIC
     defaults = {
         "backend": "hf",
         "model": None,
@@ -135,13 +133,7 @@ class PanopticStage(ImageStage):
         return load_detectron2_panoptic(config["model"], config["label_map"], device)
 
     def outputs(self, config, model):
-        r = config["resolution"]
-        return {
-            "class_map": ArraySpec((r, r), "uint8", VOID),
-            "map_hw": ArraySpec((2,), "int16"),
-            "semantic_map": ArraySpec((r, r), "uint8", VOID),
-            "probs": ArraySpec((NUM_CLASSES, CELLS, CELLS), "float16"),
-        }
+        return schema.specs(schema.PANOPTIC, R=config["resolution"])
 
     def attrs(self, config, model):
         return {
@@ -232,10 +224,10 @@ def stage_output(results: list[PanopticResult], resolution: int, sampling: str) 
     segments[:] = [r.segments for r in results]
     return StageOutput(
         arrays={
-            "class_map": np.stack(maps),
-            "map_hw": np.asarray(sizes, dtype=np.int16),
-            "semantic_map": np.stack(semantic),
-            "probs": np.stack([r.probs for r in results]).astype(np.float16),
+            schema.CLASS_MAP: np.stack(maps),
+            schema.MAP_HW: np.asarray(sizes, dtype=np.int16),
+            schema.SEMANTIC_MAP: np.stack(semantic),
+            schema.PROBS: np.stack([r.probs for r in results]).astype(np.float16),
         },
         scalars={
             "num_segments": np.asarray([len(r.segments) for r in results], dtype=np.int32),

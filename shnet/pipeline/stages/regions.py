@@ -15,20 +15,20 @@ import numpy as np
 
 from ...checkpoints import file_sha256, weights_identity
 from ...errors import ShnetError
-from .base import ArraySpec, ImageStage, StageOutput
+from ...cache import schema
+from .base import ImageStage, StageOutput
 from .devices import autocast_for, to_device
 
 BACKENDS = ("native", "detectron2")
 SELECTIONS = ("caffe", "d2")
 DEPTHS = (50, 101)
 FIRST_NMS_IOU = {"caffe": 0.3, "d2": 0.5}
-FEATURE_DIM = 2048
 #: part of the config (the cache's identity): a cache made with earlier numerics is refused, not mixed
 NUMERICS = "2: each checkpoint's own resize, images never padded, caffe-convention NMS at IoU >= threshold"
 
 
 class RegionsStage(ImageStage):
-    name = "regions"
+    name = schema.REGIONS
     defaults = {
         "backend": "native",
         "weights": None,
@@ -119,17 +119,7 @@ class RegionsStage(ImageStage):
         return RegionsModel(model, report, options, given)
 
     def outputs(self, config, model):
-        k = config["slots"]
-        return {
-            "features": ArraySpec((k, FEATURE_DIM), "float16"),
-            "boxes": ArraySpec((k, 4), "float32"),
-            "num_boxes": ArraySpec((), "int32"),
-            "object_class": ArraySpec((k,), "int16"),
-            "object_score": ArraySpec((k,), "float32"),
-            "attr_class": ArraySpec((k,), "int16"),
-            "attr_score": ArraySpec((k,), "float32"),
-            "image_hw": ArraySpec((2,), "int32"),
-        }
+        return schema.specs(schema.REGIONS, K=config["slots"], D=schema.REGION_FEATURE_DIM)
 
     def attrs(self, config, model):
         from ...data import visual_genome_vocabulary
@@ -201,26 +191,17 @@ class RegionsStage(ImageStage):
         from ..models.butd.extract import extract_regions
 
         regions = extract_regions(model.detector, prepared, model.options, autocast_for(device))
-        k = config["slots"]
-        n = len(prepared)
-        arrays = {
-            "features": np.zeros((n, k, FEATURE_DIM), np.float16),
-            "boxes": np.zeros((n, k, 4), np.float32),
-            "num_boxes": np.zeros(n, np.int32),
-            "object_class": np.zeros((n, k), np.int16),
-            "object_score": np.zeros((n, k), np.float32),
-            "attr_class": np.zeros((n, k), np.int16),
-            "attr_score": np.zeros((n, k), np.float32),
-            "image_hw": np.asarray([p.original_hw for p in prepared], np.int32),
-        }
+        k, n = config["slots"], len(prepared)
+        arrays = {name: np.full((n,) + spec.shape, spec.fill, spec.dtype) for name, spec in self.outputs(config, model).items()}
+        arrays[schema.IMAGE_HW][:] = [p.original_hw for p in prepared]
         for i, r in enumerate(regions):
             count = min(len(r.boxes), k)
-            arrays["num_boxes"][i] = count
-            arrays["features"][i, :count] = r.features[:count]
-            arrays["boxes"][i, :count] = r.boxes[:count]
-            for name in ("object_class", "object_score", "attr_class", "attr_score"):
+            arrays[schema.NUM_BOXES][i] = count
+            arrays[schema.FEATURES][i, :count] = r.features[:count]
+            arrays[schema.BOXES][i, :count] = r.boxes[:count]
+            for name in (schema.OBJECT_CLASS, schema.OBJECT_SCORE, schema.ATTR_CLASS, schema.ATTR_SCORE):
                 arrays[name][i, :count] = getattr(r, name)[:count]
-        scalars = {"num_boxes": arrays["num_boxes"].copy()}
+        scalars = {schema.NUM_BOXES: arrays[schema.NUM_BOXES].copy()}
         if config["boxes"]:
             scalars["clipped_boxes"] = np.asarray([p.clipped_boxes for p in prepared], np.int32)
         return StageOutput(arrays=arrays, scalars=scalars)

@@ -11,14 +11,15 @@ import torch
 
 from ...checkpoints import weights_identity
 from ...errors import ShnetError
-from .base import ArraySpec, ImageStage, StageOutput
+from ...cache import schema
+from .base import ImageStage, StageOutput
 from .devices import autocast_for, to_device
 
 BACKENDS = ("spectral_residual", "msinet")
 
 
 class SaliencyStage(ImageStage):
-    name = "saliency"
+    name = schema.SALIENCY
     defaults = {"backend": "spectral_residual", "resolution": 128, "weights": None}
     location_keys = ("weights",)
     description = "saliency map in [0, 1] at a stored resolution"
@@ -50,8 +51,7 @@ class SaliencyStage(ImageStage):
         return None
 
     def outputs(self, config, model):
-        r = config["resolution"]
-        return {"saliency": ArraySpec((r, r), "float16")}
+        return schema.specs(schema.SALIENCY, S=config["resolution"])
 
     def attrs(self, config, model):
         return {"backend": config["backend"], "weights_sha256": config["weights_sha256"]}
@@ -80,4 +80,4 @@ class SaliencyStage(ImageStage):
             with torch.inference_mode(), autocast_for(device):
                 out = model(batch).float()[:, 0].clamp(0, 1).cpu().numpy()
             maps = np.stack([restore_map(out[i], box, (r, r)) for i, (_, box) in enumerate(prepared)])
-        return StageOutput(arrays={"saliency": maps.astype(np.float16)})
+        return StageOutput(arrays={schema.SALIENCY_MAP: maps.astype(np.float16)})

@@ -14,12 +14,12 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from ....cache.schema import REGION_FEATURE_DIM
 from .backbone import visual_genome_res5
 from .conventions import NUM_ATTRIBUTES, NUM_OBJECTS, Convention
 
 POOLER_RESOLUTION = 14
 ROI_CHUNK = 512
-FEATURE_DIM = 2048
 CLASS_EMBEDDING = 256
 ATTRIBUTE_HIDDEN = 512
 
@@ -27,10 +27,10 @@ ATTRIBUTE_HIDDEN = 512
 class BoxPredictor(nn.Module):
     def __init__(self, convention: Convention):
         super().__init__()
-        self.cls_score = nn.Linear(FEATURE_DIM, NUM_OBJECTS + 1)
-        self.bbox_pred = nn.Linear(FEATURE_DIM, convention.box_classes * 4)
+        self.cls_score = nn.Linear(REGION_FEATURE_DIM, NUM_OBJECTS + 1)
+        self.bbox_pred = nn.Linear(REGION_FEATURE_DIM, convention.box_classes * 4)
         self.cls_embedding = nn.Embedding(NUM_OBJECTS + 1, CLASS_EMBEDDING)
-        self.fc_attr = nn.Linear(FEATURE_DIM + CLASS_EMBEDDING, ATTRIBUTE_HIDDEN)
+        self.fc_attr = nn.Linear(REGION_FEATURE_DIM + CLASS_EMBEDDING, ATTRIBUTE_HIDDEN)
         self.attr_score = nn.Linear(ATTRIBUTE_HIDDEN, NUM_ATTRIBUTES + 1)
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
