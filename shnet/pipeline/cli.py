@@ -20,7 +20,7 @@ def _csv(_ctx, _param, value):
 @click.option("--set", "overrides", multiple=True, metavar="STAGE.KEY=VALUE", help="Override a stage option, e.g. grid.weights=/path/resnet152.pth.")
 @click.option("--workers", type=click.IntRange(min=1), help="Worker processes of the embedded cluster (default: min(cores, 4); GPUs with --device cuda).")
 @click.option("--threads-per-worker", default=1, show_default=True, type=click.IntRange(min=1), help="Concurrent tasks per worker.")
-@click.option("--scheduler", metavar="ADDRESS", help="Use an existing Dask cluster (tcp://host:8786) instead of the embedded one.")
+@click.option("--scheduler", metavar="ADDRESS|in-process", help="Run the tasks on an existing Dask cluster (tcp://host:8786) instead of the embedded one; or `in-process`: one after another in this process, no cluster (small image sets, debugging).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--shard-size", type=click.IntRange(min=1), help="Images per shard (default 1000; fixed when the cache is created).")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1), help="Images per model call (the regions detector takes them one at a time).")

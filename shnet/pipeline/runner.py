@@ -1,18 +1,17 @@
-"""``shnet extract``: plan the cache, then run one Dask task per (stage, shard) that is not done yet.
+"""``shnet extract``: plan the cache, then run one task per (stage, shard) that is not done yet.
 
 Order of work: resolve stage configs (every option checked before anything starts), discover the
 images, take the cache lock, create or check the cache record (same images, same shard size, same
-stage configs), drop stale temporaries, and submit only the incomplete (stage, shard) pairs, shard
-by shard, each stage after the stages it needs. Results stream back as small summaries.
+stage configs), drop stale temporaries, and run only the incomplete (stage, shard) pairs, shard
+by shard, each stage after the stages it needs, on a Dask cluster or in this process
+(:mod:`.executors`). Results stream back as small summaries. No stage is known here by name: what
+differs between stages is what they say about themselves.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
 import time
-import uuid
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -21,7 +20,8 @@ from ..errors import CacheError, ShnetError
 from ..fileio import writable_destination
 from .images import checked_roots, discover_images
 from .profiles import apply_overrides, load_profile
-from .stages import get_stage, user_stages, with_dependencies
+from .executors import IN_PROCESS, Task, run_in_process, run_on_dask
+from .stages import STAGES, all_stages, get_stage, user_stages, with_dependencies
 from .stages.base import ShardJob
 from ..cache.store import (
     CACHE_RECORD,
@@ -36,7 +36,6 @@ from ..cache.store import (
     record_stage_config,
     stage_config_recorded,
 )
-from .worker import WorkerSetup, one_line, run_shard
 
 DEFAULT_SHARD_SIZE = 1000
 
@@ -50,7 +49,7 @@ class ExtractRequest:
     overrides: list[str] = field(default_factory=list)
     workers: int | None = None
     threads_per_worker: int = 1
-    scheduler: str | None = None
+    scheduler: str | None = None  # a Dask scheduler's address, or IN_PROCESS (None: an embedded cluster)
     device: str = "cpu"
     shard_size: int | None = None
     batch_size: int = 8
@@ -103,6 +102,8 @@ def check_request(request: ExtractRequest) -> None:
     ):
         if value is not None and value < 1:
             raise ShnetError(f"{flag} must be at least 1 (got {value})")
+    if request.scheduler == IN_PROCESS and request.workers is not None:
+        raise ShnetError(f"--workers sets the embedded cluster's size; --scheduler {IN_PROCESS} runs every task in this process (drop one of them)")
     if request.device not in ("cpu", "cuda"):
         raise ShnetError(f"--device must be cpu or cuda (got {request.device!r})")
     writable_destination(request.cache, "the cache")
@@ -112,10 +113,10 @@ def resolve_configs(request: ExtractRequest) -> tuple[list[str], dict[str, dict]
     """The stages to run (with their needs) and each one's checked config."""
     profile = load_profile(request.profile)
     options = apply_overrides(profile["stages"], request.overrides)
-    unknown = sorted(set(options) - set(user_stages()) - {"probe"})
+    unknown = sorted(set(options) - set(STAGES))
     if unknown:
         raise ShnetError(f"unknown stage(s) in profile/--set: {', '.join(unknown)}; available stages: {', '.join(user_stages())}")
-    requested = request.stages or [name for name in user_stages() if name in profile["stages"]]
+    requested = request.stages or [name for name in profile["stages"] if name in user_stages()]
     stages = with_dependencies(requested)
     configs = {name: get_stage(name).resolve_config(options.get(name) or {}) for name in stages}
     for name in stages:
@@ -209,9 +210,11 @@ def run_extract(request: ExtractRequest, display=None) -> ExtractReport:
                     pending.append((name, shard))
         if pending:
             display.start(stages, {name: _images_in(planned, cache, name) for name in stages}, tallies)
+            tasks = _tasks(request, cache, planned, configs, pending)
+            results = run_in_process(tasks, request.device) if request.scheduler == IN_PROCESS else run_on_dask(tasks, request)
             try:
-                with dask_client(request, len(pending)) as client:
-                    _submit_and_collect(client, request, cache, planned, stages, configs, pending, tallies, display)
+                for task, summary in results:
+                    _tally(tallies[task.job.stage], task, summary, display)
             finally:
                 display.stop()
         _write_images_table(cache, planned)
@@ -251,56 +254,42 @@ def _images_in(planned: pd.DataFrame, cache: Cache, stage: str) -> tuple[int, in
     return total, skipped
 
 
-def _submit_and_collect(client, request, cache, planned, stages, configs, pending, tallies, display) -> None:
-    from dask.distributed import as_completed
-
-    run_token = uuid.uuid4().hex[:6]
-    resources = {"GPU": 1} if request.device == "cuda" else None
+def _tasks(request, cache, planned, configs, pending) -> list[Task]:
+    """One task per pending (stage, shard), in the pending order (needs first), each naming the
+    pending tasks of the stages it requires or uses on the same shard."""
     by_shard = {shard: part for shard, part in planned.groupby("shard", sort=True)}
-    futures = {}
+    keys = set(pending)
+    tasks = []
     for name, shard in pending:
         stage = get_stage(name)
-        part = by_shard[shard]
         job = ShardJob(
             cache_root=str(cache.root),
             stage=name,
             shard=int(shard),
-            images=part[["image_id", "path", "row", "status", "error"]].reset_index(drop=True),
+            images=by_shard[shard][["image_id", "path", "row", "status", "error"]].reset_index(drop=True),
             config=configs[name],
             device=request.device,
             batch_size=request.batch_size,
         )
-        needs = [futures[(need, shard)] for need in stage.requires + stage.uses if (need, shard) in futures]
-        futures[(name, shard)] = client.submit(
-            run_shard,
-            job,
-            *needs,
-            key=f"shnet-{name}-{shard:05d}-{run_token}",
-            pure=False,
-            resources=resources if name != "probe" else None,
-        )
-    owner = {future.key: name_shard for name_shard, future in futures.items()}
-    for future in as_completed(list(futures.values())):
-        name, shard = owner[future.key]
-        tally = tallies[name]
-        if future.status == "error":  # the task itself could not run (e.g. its worker kept dying)
-            error = one_line(future.exception())
-            tally.failed.append((name, shard, error))
-            display.shard_failed(name, shard, error)
-            continue
-        summary = future.result()
-        if summary.get("failed"):
-            tally.failed.append((name, shard, summary["error"]))
-            display.shard_failed(name, shard, summary["error"])
-            continue
-        tally.shards_done += 1
-        tally.images += summary["images"]
-        tally.errors += summary.get("errors", 0)
-        tally.models_built += int(summary.get("model_built", False))
-        if "started_at" in summary:
-            tally.first_start = min(summary["started_at"], tally.first_start or summary["started_at"])
-            tally.last_finish = max(summary["finished_at"], tally.last_finish or summary["finished_at"])
-        display.shard_done(name, summary)
+        needs = [(need, shard) for need in stage.requires + stage.uses if (need, shard) in keys]
+        tasks.append(Task(job=job, needs=needs, accelerator=stage.needs_accelerator(configs[name])))
+    return tasks
+
+
+def _tally(tally: StageTally, task: Task, summary: dict, display) -> None:
+    name, shard = task.key
+    if summary.get("failed"):
+        tally.failed.append((name, shard, summary["error"]))
+        display.shard_failed(name, shard, summary["error"])
+        return
+    tally.shards_done += 1
+    tally.images += summary["images"]
+    tally.errors += summary.get("errors", 0)
+    tally.models_built += int(summary.get("model_built", False))
+    if "started_at" in summary:
+        tally.first_start = min(summary["started_at"], tally.first_start or summary["started_at"])
+        tally.last_finish = max(summary["finished_at"], tally.last_finish or summary["finished_at"])
+    display.shard_done(name, summary)
 
 
 def _write_images_table(cache: Cache, planned: pd.DataFrame) -> None:
@@ -313,73 +302,14 @@ def _write_images_table(cache: Cache, planned: pd.DataFrame) -> None:
 
 
 def images_table(cache: Cache, planned: pd.DataFrame) -> pd.DataFrame:
-    """images.parquet's content: the plan (current paths) + what the probe found, for every probed shard."""
+    """images.parquet's content: the plan (current paths) + the columns each stage contributes for
+    the shards it has done (e.g. decode status and upright size)."""
     frame = planned.copy()
-    probed = cache.done_shards("probe")
-    if probed:
-        found = pd.concat(
-            [cache.shard_table("probe", s, columns=["image_id", "status", "error", "width", "height"]) for s in probed],
-            ignore_index=True,
-        ).set_index("image_id")
+    for stage in all_stages():
+        found = stage.image_columns(cache)
+        if found is None:
+            continue
         hit = frame["image_id"].isin(found.index)
-        for column in ("status", "error", "width", "height"):
+        for column in found.columns:
             frame.loc[hit, column] = found.loc[frame.loc[hit, "image_id"], column].to_numpy()
     return frame
-
-
-def default_workers(device: str) -> int:
-    if device == "cuda":
-        import torch
-
-        return max(1, torch.cuda.device_count())
-    return max(1, min(available_cores(), 4))
-
-
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-@contextlib.contextmanager
-def dask_client(request: ExtractRequest, num_tasks: int):
-    """A client on the embedded LocalCluster, or on the cluster at ``--scheduler``."""
-    from dask.distributed import Client, LocalCluster
-
-    threads = request.threads_per_worker
-    if request.scheduler:
-        try:
-            client = Client(request.scheduler, timeout="20s")
-        except OSError as exc:
-            raise ShnetError(f"could not reach the Dask scheduler at {request.scheduler} ({exc}); is `dask scheduler` running?") from exc
-        try:
-            workers = client.scheduler_info()["workers"]
-            if not workers:
-                raise ShnetError(f"the Dask scheduler at {request.scheduler} has no workers; start some with `dask worker {request.scheduler}`")
-            if request.device == "cuda" and not any(w.get("resources", {}).get("GPU") for w in workers.values()):
-                raise ShnetError("--device cuda needs workers started with `--resources GPU=1` (one GPU per worker)")
-            per_worker = max(1, available_cores() // max(1, threads))
-            client.register_plugin(WorkerSetup(per_worker, request.device), name=WorkerSetup.name)
-            yield client
-        finally:
-            client.close()
-        return
-    n_workers = request.workers or default_workers(request.device)
-    n_workers = max(1, min(n_workers, num_tasks))
-    torch_threads = max(1, available_cores() // (n_workers * threads))
-    cluster = LocalCluster(
-        n_workers=n_workers,
-        threads_per_worker=threads,
-        processes=True,
-        dashboard_address="127.0.0.1:0",  # None still starts one on 8787 (with a warning when taken)
-        silence_logs=logging.ERROR,
-        resources={"GPU": 1} if request.device == "cuda" else None,
-    )
-    client = Client(cluster)
-    try:
-        client.register_plugin(WorkerSetup(torch_threads, request.device), name=WorkerSetup.name)
-        yield client
-    finally:
-        client.close()
-        cluster.close()

@@ -1,4 +1,8 @@
-"""What runs inside a Dask worker process: its one-time setup, its model cache, the shard task."""
+"""What runs where the tasks run (a Dask worker process, or the extract's own process with
+``--scheduler in-process``): the process setup, the per-process model cache, the shard task.
+
+Nothing here knows a stage by name: a stage's needs annotate its images through their
+``annotate_images`` hook before it runs."""
 
 from __future__ import annotations
 
@@ -10,10 +14,8 @@ import threading
 import time
 import traceback
 
-import pandas as pd
-from distributed.diagnostics.plugin import WorkerPlugin
-
 from ..errors import ShnetError
+from . import faults
 from .stages import get_stage
 from .stages.base import ShardJob
 from ..cache.store import Cache, ShardWriter, config_hash
@@ -34,12 +36,38 @@ def setup_process(torch_threads: int, device: str, worker_name=None) -> str:
     torch.set_num_threads(max(1, int(torch_threads)))
     cv2.setNumThreads(1)
     ensure_torchvision()
+    return _select_device(device, worker_name)
+
+
+def _select_device(device: str, worker_name) -> str:
+    import torch
+
     if device == "cuda" and torch.cuda.is_available():
         index = int(worker_name) % torch.cuda.device_count() if str(worker_name).isdigit() else 0
         torch.cuda.set_device(index)
         device = f"cuda:{index}"
     _WORKER_DEVICE["cuda"] = device
     return device
+
+
+@contextlib.contextmanager
+def in_this_process(device: str):
+    """Run tasks in the calling process: the torchvision fallbacks and the device as a worker gets
+    them, but the caller's thread pools left as they are; the models built are dropped at the end."""
+    from ..torchvision_compat import ensure_torchvision
+
+    ensure_torchvision()
+    _select_device(device, None)
+    try:
+        yield
+    finally:
+        clear_models()
+        _WORKER_DEVICE.clear()
+
+
+def clear_models() -> None:
+    with _MODELS_LOCK:
+        _MODELS.clear()
 
 
 _M_MMAP_THRESHOLD = -3
@@ -57,22 +85,6 @@ def _keep_large_allocations_in_the_heap() -> None:
     if sys.platform.startswith("linux") and name:
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(name).mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
-
-
-class WorkerSetup(WorkerPlugin):
-    """Dask worker plugin running :func:`setup_process` in every worker, including restarted ones."""
-
-    name = "shnet-worker-setup"
-
-    def __init__(self, torch_threads: int, device: str):
-        self.torch_threads = torch_threads
-        self.device = device
-
-    def setup(self, worker) -> None:
-        setup_process(self.torch_threads, self.device, worker.name)
-
-    def teardown(self, worker) -> None:
-        _MODELS.clear()
 
 
 def worker_device(requested: str) -> str:
@@ -105,6 +117,7 @@ def run_shard(job: ShardJob, *dependencies) -> dict:
         return _failure(job, f"not run: stage '{failed_need['stage']}' failed on this shard", attempts=0)
     for attempt in range(1, job.attempts + 1):
         try:
+            faults.before_attempt(job.stage, job.shard, attempt)
             return _run_shard_once(job)
         except Exception as exc:  # noqa: BLE001 - reported as one line, the trace goes to the log
             _log_failure(job, attempt, exc)
@@ -143,8 +156,8 @@ def _run_shard_once(job: ShardJob) -> dict:
     if cache.is_done(job.stage, job.shard):
         return {"stage": job.stage, "shard": job.shard, "images": len(job.images), "skipped": True}
     job.device = worker_device(job.device)
-    if "probe" in stage.requires:
-        job.images = _with_probe_status(cache, job)
+    for need in stage.requires:
+        job.images = get_stage(need).annotate_images(cache, job)
     model, built = cached_model(job.stage, job.config, job.device)
     attrs = {
         "config": job.config,
@@ -168,14 +181,6 @@ def _run_shard_once(job: ShardJob) -> dict:
         "finished_at": time.time(),
         "skipped": False,
     }
-
-
-def _with_probe_status(cache: Cache, job: ShardJob) -> pd.DataFrame:
-    if not cache.is_done("probe", job.shard):
-        raise ShnetError(f"internal: stage '{job.stage}' ran before the probe of shard {job.shard}")
-    probe = pd.read_parquet(cache.table_path("probe", job.shard), columns=["row", "status", "error"])
-    images = job.images.drop(columns=[c for c in ("status", "error") if c in job.images]).merge(probe, on="row", how="left")
-    return images
 
 
 def library_versions() -> dict:

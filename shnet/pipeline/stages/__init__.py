@@ -1,17 +1,32 @@
-"""The stage registry and the stage DAG."""
+"""The stage registry and the stage DAG.
+
+Every module of this package that defines a :class:`~.base.Stage` subclass with a ``name`` is a
+stage: adding one is adding its module. Nothing here (nor in the runner or the worker) knows any
+stage by name; what differs between stages is what they say about themselves (``requires``,
+``uses``, ``internal``, ``needs_accelerator``, their hooks).
+"""
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import pkgutil
+
 from ...errors import ShnetError
 from .base import Stage
-from .grid import GridStage
-from .layout import LayoutStage
-from .panoptic import PanopticStage
-from .probe import ProbeStage
-from .regions import RegionsStage
-from .saliency import SaliencyStage
 
-STAGES: dict[str, Stage] = {stage.name: stage for stage in (ProbeStage(), GridStage(), SaliencyStage(), RegionsStage(), PanopticStage(), LayoutStage())}
+
+def _discover() -> dict[str, Stage]:
+    found: dict[str, Stage] = {}
+    for module_info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"{__name__}.{module_info.name}")
+        for _, cls in inspect.getmembers(module, inspect.isclass):
+            if issubclass(cls, Stage) and cls.__module__ == module.__name__ and "name" in vars(cls):
+                found[cls.name] = cls()
+    return found
+
+
+STAGES: dict[str, Stage] = _discover()
 
 
 def get_stage(name: str) -> Stage:
@@ -21,8 +36,13 @@ def get_stage(name: str) -> Stage:
 
 
 def user_stages() -> list[str]:
-    """Stages a user picks with --stages (probe is implicit)."""
-    return [name for name in STAGES if name != "probe"]
+    """Stages a user picks with --stages (internal ones run when another stage requires them)."""
+    return [name for name, stage in STAGES.items() if not stage.internal]
+
+
+def all_stages() -> list[Stage]:
+    """Every registered stage, internal ones included (their options may be set too)."""
+    return list(STAGES.values())
 
 
 def with_dependencies(names: list[str]) -> list[str]:

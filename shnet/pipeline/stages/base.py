@@ -54,6 +54,24 @@ class Stage:
     # options that name where something is rather than what it is: not part of the config identity
     location_keys: ClassVar[tuple[str, ...]] = ()
     description: ClassVar[str] = ""
+    # run because another stage requires it, never picked with --stages nor listed as a choice
+    internal: ClassVar[bool] = False
+
+    def needs_accelerator(self, config: Mapping) -> bool:
+        """Whether a task of this stage takes a GPU slot (Dask resource ``GPU=1``) when the extract
+        runs with ``--device cuda``. Stages that only read files or shards run beside GPU work."""
+        return False
+
+    def annotate_images(self, cache: Any, job: ShardJob) -> pd.DataFrame:
+        """Called in the worker, for every stage that ``job.stage`` requires, before that dependent
+        runs on the same shard: the job's images with what this stage found about them (the probe
+        marks the images that cannot be decoded). ``cache`` is the open cache. Default: unchanged."""
+        return job.images
+
+    def image_columns(self, cache: Any) -> pd.DataFrame | None:
+        """What this stage contributes to ``images.parquet``: columns indexed by image_id over its
+        done shards (None: nothing). The runner merges them into the plan after every extract."""
+        return None
 
     def resolve_config(self, options: Mapping[str, Any]) -> dict:
         """Defaults + options, checked; may add derived identity fields (e.g. the weights sha256)."""
@@ -88,6 +106,10 @@ class ImageStage(Stage):
     """A stage that runs a model over the decoded RGB images of a shard, batch by batch."""
 
     requires: ClassVar[tuple[str, ...]] = ("probe",)
+
+    def needs_accelerator(self, config: Mapping) -> bool:
+        return True
+
     #: shorter side a JPEG may be draft-decoded down to (None: full resolution)
     def draft_size(self, config: Mapping) -> int | None:
         return None

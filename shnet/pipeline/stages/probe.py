@@ -1,7 +1,9 @@
 """Stage ``probe``: decode every image once and record its upright size, or why it cannot be read.
 
 Every image stage depends on it, so whether an image is usable is decided once per cache and all
-stages agree; its tables become ``images.parquet``'s width/height/status/error columns.
+stages agree: before a dependent stage runs on a shard, :meth:`ProbeStage.annotate_images` marks the
+images the probe could not decode, and its tables become ``images.parquet``'s width/height/status/error
+columns (:meth:`ProbeStage.image_columns`). The runner calls both hooks without knowing this stage.
 """
 
 from __future__ import annotations
@@ -11,16 +13,35 @@ import time
 import numpy as np
 import pandas as pd
 
-from ...errors import ImageDecodeError
+from ...errors import ImageDecodeError, ShnetError
 from ...cache.store import ShardWriter
 from .base import ArraySpec, ShardJob, Stage
+
+
+#: the columns of images.parquet the probe fills
+IMAGE_COLUMNS = ("status", "error", "width", "height")
 
 
 class ProbeStage(Stage):
     name = "probe"
     requires = ()
+    internal = True
     defaults = {"max_pixels": 89_478_485}
     description = "decode check, upright width/height of every image"
+
+    def annotate_images(self, cache, job: ShardJob) -> pd.DataFrame:
+        """The job's images with the probe's status and error for each of them."""
+        if not cache.is_done(self.name, job.shard):
+            raise ShnetError(f"internal: stage '{job.stage}' ran before the probe of shard {job.shard}")
+        probe = pd.read_parquet(cache.table_path(self.name, job.shard), columns=["row", "status", "error"])
+        return job.images.drop(columns=[c for c in ("status", "error") if c in job.images]).merge(probe, on="row", how="left")
+
+    def image_columns(self, cache) -> pd.DataFrame | None:
+        probed = cache.done_shards(self.name)
+        if not probed:
+            return None
+        tables = [cache.shard_table(self.name, shard, columns=["image_id", *IMAGE_COLUMNS]) for shard in probed]
+        return pd.concat(tables, ignore_index=True).set_index("image_id")
 
     def outputs(self, config, model):
         return {"size": ArraySpec((2,), "int32", -1)}

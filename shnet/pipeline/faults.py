@@ -1,0 +1,53 @@
+"""Test hooks: make a chosen (stage, shard) task fail or wait, so that the tests of retries, killed
+runs and lost workers are deterministic instead of racing the clock.
+
+Read from the environment of the process that runs the task (Dask workers inherit the extract's):
+
+``SHNET_FAULT_FAIL=STAGE:SHARD:N``
+    the first N attempts of that task raise, as a flaky file system would.
+``SHNET_FAULT_HOLD=STAGE:SHARD:PATH``
+    before each attempt of that task, write ``PATH.waiting`` (the pid of the process holding it) and
+    wait until ``PATH`` exists: a test can kill that process, or the whole run, at a known point.
+
+Unset, as in every real run, each costs one environment lookup per attempt.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+FAIL = "SHNET_FAULT_FAIL"
+HOLD = "SHNET_FAULT_HOLD"
+
+
+class InjectedFault(RuntimeError):
+    """The failure that ``SHNET_FAULT_FAIL`` asked for."""
+
+
+def before_attempt(stage: str, shard: int, attempt: int) -> None:
+    failing = _target(FAIL, stage, shard)
+    if failing is not None and attempt <= int(failing):
+        raise InjectedFault(f"{FAIL}: attempt {attempt} of {stage} shard {shard} fails on purpose")
+    release = _target(HOLD, stage, shard)
+    if release is not None:
+        _hold_until(release)
+
+
+def _target(variable: str, stage: str, shard: int) -> str | None:
+    """The value part of ``variable`` when it names this (stage, shard), else None."""
+    value = os.environ.get(variable)
+    if not value:
+        return None
+    name, number, rest = value.split(":", 2)
+    return rest if (name, int(number)) == (stage, shard) else None
+
+
+def _hold_until(release: str) -> None:
+    waiting = f"{release}.waiting"
+    temporary = f"{waiting}.tmp-{os.getpid()}"
+    with open(temporary, "w") as fh:
+        fh.write(str(os.getpid()))
+    os.replace(temporary, waiting)
+    while not os.path.exists(release):
+        time.sleep(0.02)
