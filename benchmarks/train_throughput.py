@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from shnet.trainer.captions import CaptionSet
+from shnet.cache.captions import CaptionSet
 from shnet.trainer.data import FeatureIndex, TrainPairs, train_loader
 from shnet.trainer.device import autocast
 from shnet.trainer.loss import HingeTripletLoss

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from shnet.trainer import distributed
-from shnet.trainer.captions import read_captions, select_split
+from shnet.cache.captions import read_captions, select_split
 from shnet.trainer.data import FeatureIndex, TrainPairs, match_split, train_loader
 from shnet.trainer.loss import HingeTripletLoss
 from shnet.trainer.model import ModelConfig, build_model

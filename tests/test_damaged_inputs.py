@@ -22,7 +22,7 @@ from shnet.cli import main
 from shnet.errors import ShnetError
 from shnet.fileio import terminal_safe
 from shnet.pipeline.images import discover_images
-from shnet.trainer.captions import read_captions
+from shnet.cache.captions import read_captions
 from shnet.trainer.synthetic import write_concept_cache
 
 SMOKE = ["--profile", "smoke", "--workers", "1"]

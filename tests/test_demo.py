@@ -18,7 +18,7 @@ from shnet.demo.dataset import DatasetSettings, generate_dataset
 from shnet.demo.metrics_table import MODELS, chance_metrics
 from shnet.demo.scenes import COLOURS, SHAPES, decode_segment_ids, make_scene
 from shnet.errors import ShnetError
-from shnet.trainer.captions import read_captions, select_split
+from shnet.cache.captions import read_captions, select_split
 from shnet.trainer.metrics import chance_rsum
 
 SCENES = 12

@@ -13,7 +13,7 @@ import torch
 from shnet.errors import ShnetError
 from shnet.cache import Cache, write_stage
 from shnet.cache.store import vouch
-from shnet.trainer.captions import match_images, read_captions, select_split
+from shnet.cache.captions import match_images, read_captions, select_split
 from shnet.trainer.data import (
     FeatureIndex,
     TrainPairs,

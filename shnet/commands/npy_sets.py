@@ -15,7 +15,7 @@ from ..cache.npy_region_files import DEFAULT_FEATURES_DIR, REGION_LAYOUTS
 from ..cache.npy_sets import DEFAULT_CAPTIONS_PER_IMAGE, ExportRequest, export_split, import_sets, imported_split
 from ..errors import ShnetError
 from ..fileio import terminal_safe
-from ..trainer.captions import match_images, read_captions, select_split
+from ..cache.captions import match_images, read_captions, select_split
 
 
 def _log(message: str) -> None:

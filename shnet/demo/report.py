@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from ..cache import Cache
-from ..trainer.captions import CaptionSet
+from ..cache.captions import CaptionSet
 from .metrics_table import MODELS, TABLE_COLUMNS, chance_metrics
 
 THUMBNAIL_SIDE = 112

@@ -23,8 +23,7 @@ from ..cache import Cache
 from ..cache.store import image_list_digest
 from ..checkpoints import file_sha256
 from ..errors import ShnetError
-from ..cache.captions import stored_captions
-from ..trainer.captions import CaptionSet, match_images, read_captions
+from ..cache.captions import CaptionSet, match_images, read_captions, stored_captions
 from ..trainer.checkpoint import LoadedModel, load_model
 from ..trainer.data import FeatureIndex, caption_loader, image_loader
 from ..trainer.device import resolve_device

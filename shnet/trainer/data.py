@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ..errors import CacheError, ShnetError
 from ..cache import Cache
 from ..fileio import open_h5
-from .captions import CaptionSet, match_images
+from ..cache.captions import CaptionSet, match_images
 
 LEVEL_STAGES = {"region": ("regions", "layout"), "grid": ("grid", "layout")}
 MODEL_ARRAYS = {"regions": ("features", "num_boxes"), "grid": ("grid", "valid_hw"), "layout": ("seg_feat", "seg_map", "cat_onehot")}

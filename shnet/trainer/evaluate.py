@@ -16,9 +16,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ..cache.captions import stored_captions
+from ..cache.captions import CaptionSet, read_captions, select_split, stored_captions
 from ..errors import ShnetError
-from .captions import CaptionSet, read_captions, select_split
 from .checkpoint import LoadedModel, load_model
 from .data import FeatureIndex, FeatureReader, caption_loader, image_loader, match_split
 from .device import resolve_device

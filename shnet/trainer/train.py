@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import ShnetError
-from .captions import CaptionSet, captions_source, read_captions, select_split
+from ..cache.captions import CaptionSet, captions_source, read_captions, select_split
 from .checkpoint import load_model, save_checkpoint
 from . import distributed
 from .data import FeatureIndex, FeatureReader, TrainPairs, match_split, train_loader
