@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from shnet.cache.captions import CaptionSet
-from shnet.trainer.data import FeatureIndex, TrainPairs, train_loader
+from shnet.cache.features import FeatureIndex
+from shnet.trainer.data import TrainPairs, train_loader
 from shnet.trainer.device import autocast
 from shnet.trainer.loss import HingeTripletLoss
 from shnet.trainer.model import ModelConfig, build_model

@@ -11,7 +11,8 @@ from torch import nn
 
 from shnet.trainer import distributed
 from shnet.cache.captions import read_captions, select_split
-from shnet.trainer.data import FeatureIndex, TrainPairs, match_split, train_loader
+from shnet.cache.features import FeatureIndex
+from shnet.trainer.data import TrainPairs, match_split, train_loader
 from shnet.trainer.loss import HingeTripletLoss
 from shnet.trainer.model import ModelConfig, build_model
 from shnet.trainer.text_encoders import VocabularyTokenizer

@@ -14,8 +14,8 @@ from shnet.errors import ShnetError
 from shnet.cache import Cache, write_stage
 from shnet.cache.store import vouch
 from shnet.cache.captions import match_images, read_captions, select_split
+from shnet.cache.features import FeatureIndex
 from shnet.trainer.data import (
-    FeatureIndex,
     TrainPairs,
     caption_loader,
     collate_images,
