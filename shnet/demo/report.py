@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from ..cache import Cache
+from ..fileio import atomic_write_text
 from ..cache.captions import CaptionSet
 from .metrics_table import MODELS, TABLE_COLUMNS, chance_metrics
 
@@ -132,7 +133,5 @@ def write_report(
             f"<div class='ranked'>{''.join(hits)}</div>{missing}</div>"
         )
     parts.append("</body></html>")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(parts), encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_text(path, "\n".join(parts))
     return path

@@ -26,7 +26,8 @@ from ..cache import Cache, atomic_write_json
 from ..errors import ShnetError
 from ..pipeline.runner import ExtractReport, ExtractRequest, run_extract
 from ..trainer.evaluate import EvalRequest, Evaluation, evaluate_checkpoints
-from ..trainer.train import LAST, TrainOptions, train
+from ..trainer.run import RunDir
+from ..trainer.train import TrainOptions, train
 from .dataset import DatasetFiles, DatasetSettings, generate_dataset
 from .metrics_table import MODELS, chance_metrics, format_table
 from .options import DemoOptions
@@ -121,7 +122,7 @@ def train_options(
 def train_or_resume(options: TrainOptions, log: Callable[[str], None]) -> dict:
     """A new run, or the run already in ``options.output`` continued (or left as it is when it has
     finished its epochs), as ``shnet train [--resume]`` does."""
-    resume = (Path(options.output) / LAST).exists()
+    resume = RunDir(options.output).has_run()
     return train(options, resume=resume, explicit={"epochs", "progress"}, log=log)
 
 
@@ -207,7 +208,7 @@ def run_demo(
     metrics["chance"] = chance_metrics(n_test)
     hybrid = evaluations["hybrid"]
     examples = retrieval_examples(hybrid.sims, hybrid.captions, REPORT_EXAMPLES)
-    curves = {name: run_dir / "curves.png" for name, run_dir in runs.items()}
+    curves = {name: RunDir(run_dir).curves for name, run_dir in runs.items()}
     write_report(paths["report"], metrics, curves, examples, Cache(paths["cache"]), settings_lines(options, settings, request))
     lap("report")
     seconds["total"] = round(time.perf_counter() - started, 2)

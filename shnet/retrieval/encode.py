@@ -1,7 +1,8 @@
 """``shnet encode``: embeddings of every usable image of the caches (and of captions) with a trained run.
 
-The work is planned in shards of ``shard_size`` rows; a shard is encoded in batches and written
-atomically, and a shard file that exists is never redone, so a killed encode resumes where it
+The work is planned in shards of ``shard_size`` rows; a shard is encoded in batches and committed
+atomically (matrix, table, then its done record; see :mod:`shnet.retrieval.store`), and a done
+shard is never redone, so a killed encode resumes where it
 stopped. The record names the run (checkpoint path and sha256, epoch) and the caches; re-running
 into the same store with another run, other caches or another dtype is refused, not mixed.
 """
@@ -27,8 +28,8 @@ from ..cache.captions import CaptionSet, match_images, read_captions, stored_cap
 from ..trainer.checkpoint import LoadedModel, load_model
 from ..trainer.data import FeatureIndex, caption_loader, image_loader
 from ..trainer.device import resolve_device
-from ..trainer.evaluate import resolve_checkpoint
-from .store import DTYPES, FORMAT, FORMAT_VERSION, EmbeddingStore, embedding_column
+from ..trainer.run import resolve_checkpoint
+from .store import DTYPES, FORMAT, FORMAT_VERSION, EmbeddingStore
 
 _EXAMPLES = 5
 _REPORT_SECONDS = 10.0  # at most one progress line per this many seconds
@@ -237,13 +238,13 @@ def encode(request: EncodeRequest, log: Callable[[str], None] = print) -> Encode
         if skipped:
             log(f"{len(skipped)} image(s) have no usable features and are not encoded, e.g. " + "; ".join(f"{k} ({v})" for k, v in list(skipped.items())[:_EXAMPLES]))
         report.encoded["images"] = _encode_part(
-            store, "images", images_entry, log,
+            store, "images", images_entry, record["dtype"], log,
             lambda rows: _image_shard(loaded, index, [usable[r] for r in rows], paths, request, device),
         )
         report.totals["images"] = len(usable)
         if captions is not None:
             report.encoded["captions"] = _encode_part(
-                store, "captions", record["captions"], log,
+                store, "captions", record["captions"], record["dtype"], log,
                 lambda rows: _caption_shard(loaded, captions.iloc[rows], request, device),
             )
             report.totals["captions"] = len(captions)
@@ -251,7 +252,7 @@ def encode(request: EncodeRequest, log: Callable[[str], None] = print) -> Encode
     return report
 
 
-def _encode_part(store: EmbeddingStore, part: str, entry: dict, log, make_shard: Callable[[range], pa.Table]) -> int:
+def _encode_part(store: EmbeddingStore, part: str, entry: dict, dtype: str, log, make_shard: Callable[[range], tuple[pa.Table, np.ndarray]]) -> int:
     """Write every missing shard of ``part``; returns the rows encoded."""
     done, size, encoded = store.done_shards(part), entry["shard_size"], 0
     todo = [s for s in range(entry["shards"]) if s not in done]
@@ -262,7 +263,7 @@ def _encode_part(store: EmbeddingStore, part: str, entry: dict, log, make_shard:
     started = last_report = time.perf_counter()
     for done_count, shard in enumerate(todo, 1):
         rows = range(shard * size, min((shard + 1) * size, entry["rows"]))
-        store.write_shard(part, shard, make_shard(rows))
+        store.write_shard(part, shard, *make_shard(rows), dtype)
         encoded += len(rows)
         now = time.perf_counter()
         if now - last_report >= _REPORT_SECONDS or done_count == len(todo):
@@ -271,23 +272,18 @@ def _encode_part(store: EmbeddingStore, part: str, entry: dict, log, make_shard:
     return encoded
 
 
-def _image_shard(loaded, index, image_ids, paths, request, device) -> pa.Table:
+def _image_shard(loaded, index, image_ids, paths, request, device) -> tuple[pa.Table, np.ndarray]:
     embeddings = encode_images(loaded, index, image_ids, request.batch_size, request.workers, device)
-    return pa.table(
-        {
-            "image_id": pa.array(image_ids, pa.string()),
-            "path": pa.array([paths.get(i, "") for i in image_ids], pa.string()),
-            "embedding": embedding_column(embeddings, request.dtype),
-        }
-    )
+    table = pa.table({"image_id": pa.array(image_ids, pa.string()), "path": pa.array([paths.get(i, "") for i in image_ids], pa.string())})
+    return table, embeddings
 
 
-def _caption_shard(loaded, rows: pd.DataFrame, request, device) -> pa.Table:
+def _caption_shard(loaded, rows: pd.DataFrame, request, device) -> tuple[pa.Table, np.ndarray]:
     embeddings = encode_texts(loaded, rows["caption"].tolist(), request.batch_size, device)
-    return pa.table(
+    table = pa.table(
         {
             "caption_id": pa.array(rows["caption_id"].to_numpy(), pa.int64()),
             **{name: pa.array(rows[name].tolist(), pa.string()) for name in ("image", "image_id", "split", "caption")},
-            "embedding": embedding_column(embeddings, request.dtype),
         }
     )
+    return table, embeddings

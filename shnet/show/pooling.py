@@ -17,7 +17,7 @@ import torch
 from ..errors import ShnetError
 from ..trainer.checkpoint import load_model
 from ..trainer.data import FeatureIndex, collate_images
-from ..trainer.evaluate import resolve_checkpoint
+from ..trainer.run import resolve_checkpoint
 
 
 def token_shares(gpool, tokens: torch.Tensor, length: int) -> torch.Tensor:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch
 from .. import __version__
 from ..checkpoints import load_state_strict, load_weights_file, strip_prefix
 from ..errors import CheckpointMismatchError, ShnetError
+from ..fileio import atomic_open
 from .model import ModelConfig, SHNet, build_model, config_of
 from .text_encoders import (
     BertTokenizerAdapter,
@@ -88,15 +88,8 @@ def save_checkpoint(path, model: SHNet, cfg: ModelConfig, tokenizer: Tokenizer |
     }
     _check_plain(payload["config"], "the model config")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_open(path) as fh:
+        torch.save(payload, fh)
 
 
 def load_model(path, bert_path: str | None = None, map_location="cpu", seg_map_mode: str | None = None) -> LoadedModel:

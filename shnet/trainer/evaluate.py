@@ -18,27 +18,15 @@ import torch
 
 from ..cache.captions import CaptionSet, read_captions, select_split, stored_captions
 from ..errors import ShnetError
+from ..fileio import atomic_open
 from .checkpoint import LoadedModel, load_model
 from .data import FeatureIndex, FeatureReader, caption_loader, image_loader, match_split
 from .device import resolve_device
 from .metrics import CAPTIONS_PER_IMAGE, protocol_metrics
+from .run import resolve_checkpoint
 from .similarity_files import read_similarities, write_published
 
-CHECKPOINT_PREFERENCE = ("best.pth", "last.pth")
 _SIMILARITY_ROWS = 1024  # image rows scored at once (bounds device memory)
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A run directory means its best checkpoint (else its last); a file is taken as it is."""
-    path = Path(path).expanduser()
-    if path.is_dir():
-        for name in CHECKPOINT_PREFERENCE:
-            if (path / name).exists():
-                return path / name
-        raise ShnetError(f"{path} holds no checkpoint ({' or '.join(CHECKPOINT_PREFERENCE)}); is it a `shnet train` run directory?")
-    if not path.exists():
-        raise ShnetError(f"no run directory or checkpoint at {path}")
-    return path
 
 
 @torch.no_grad()
@@ -179,7 +167,8 @@ def save_similarities(path: str | Path, sims: np.ndarray, layout: str = "plain")
     if layout == "3shnet":
         write_published(path, sims)
     else:
-        np.save(path, sims.astype(np.float32))
+        with atomic_open(path) as handle:
+            np.save(handle, sims.astype(np.float32))
     return path
 
 

@@ -26,6 +26,7 @@ import numpy as np
 
 from ..cache.npy_files import read_header_fields
 from ..errors import ShnetError
+from ..fileio import atomic_open
 
 SIMS_LAYOUTS = ("plain", "3shnet")
 _KEYS = {"npts", "sims"}
@@ -130,7 +131,7 @@ def write_published(path: Path, sims: np.ndarray) -> None:
     body += pickle.BINBYTES8 + struct.pack("<Q", rows * columns * 8)
     header = io.BytesIO()
     np.lib.format.write_array_header_1_0(header, {"descr": "|O", "fortran_order": False, "shape": ()})
-    with open(path, "wb") as handle:
+    with atomic_open(path) as handle:
         handle.write(header.getvalue() + pickle.PROTO + b"\x04" + body)
         for start in range(0, rows, _ROWS_PER_WRITE):
             handle.write(np.ascontiguousarray(sims[start : start + _ROWS_PER_WRITE], dtype="<f8").tobytes())

@@ -1,18 +1,16 @@
 """The training loop: the 3SHNet paper recipe on cached features, resumable epoch by epoch.
 
-A run directory holds ``options.json``, ``last.pth`` (every epoch), ``best.pth`` (best validation
-rSum), ``metrics.jsonl`` (one line per epoch), ``curves.png`` and, when TensorBoard is installed,
-``tensorboard/``. A resumed run restores model, optimizer, scheduler, epoch and the torch/numpy/
+A run directory (:mod:`shnet.trainer.run`) holds ``options.json``, ``last.pth`` (every epoch),
+``best.pth`` (best validation rSum), ``metrics.jsonl`` (one line per epoch), ``curves.png`` and, when
+TensorBoard is installed, ``tensorboard/``. A resumed run restores model, optimizer, scheduler, epoch and the torch/numpy/
 Python random states; data order and augmentation are functions of (seed, epoch, sample), so on
 CPU a resumed run reproduces the uninterrupted run's metrics exactly.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -23,6 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import ShnetError
+from ..fileio import atomic_copy, atomic_path, atomic_write_json
 from ..cache.captions import CaptionSet, captions_source, read_captions, select_split
 from .checkpoint import load_model, save_checkpoint
 from . import distributed
@@ -34,9 +33,8 @@ from .loss import HingeTripletLoss
 from .metrics import CAPTIONS_PER_IMAGE, RECALL_AT, retrieval_metrics
 from .model import ModelConfig, SHNet, build_model
 from .options import RUNTIME_OPTIONS, TrainOptions
+from .run import RunDir
 from .text_encoders import BertTextEncoder, BertTokenizerAdapter, VocabularyTokenizer
-
-LAST, BEST, METRICS, OPTIONS, CURVES = "last.pth", "best.pth", "metrics.jsonl", "options.json", "curves.png"
 
 def parameter_groups(model: SHNet, lr: float, bert_lr_factor: float) -> list[dict]:
     """The image encoder and the text head at ``lr``; BERT's own weights at ``lr * bert_lr_factor``."""
@@ -80,29 +78,21 @@ def seed_everything(seed: int) -> None:
 class RunLog:
     """metrics.jsonl, TensorBoard (when installed) and curves.png of one run directory."""
 
-    def __init__(self, run_dir: Path, keep_epochs: int):
-        self.path = run_dir / METRICS
-        self.curves = run_dir / CURVES
-        self.records = [r for r in self.read(self.path) if r["epoch"] < keep_epochs]
+    def __init__(self, run: RunDir, keep_epochs: int):
+        self.run = run
+        self.records = [r for r in run.read_metrics() if r["epoch"] < keep_epochs]
         # A run stopped between writing a line and its checkpoint leaves lines to replay: drop them.
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        run.write_metrics(self.records)
         self.tensorboard = None
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             return
-        self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"), purge_step=keep_epochs)
-
-    @staticmethod
-    def read(path: Path) -> list[dict]:
-        if not path.exists():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        self.tensorboard = SummaryWriter(str(run.tensorboard), purge_step=keep_epochs)
 
     def append(self, record: dict) -> None:
         self.records.append(record)
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        self.run.write_metrics(self.records)
         if self.tensorboard is not None:
             epoch = record["epoch"]
             self.tensorboard.add_scalar("train/loss", record["train_loss"], epoch)
@@ -112,7 +102,7 @@ class RunLog:
                     self.tensorboard.add_scalar(f"val/{direction}_{key}", value, epoch)
             self.tensorboard.add_scalar("val/rsum", record["val"]["rsum"], epoch)
             self.tensorboard.flush()
-        plot_curves(self.records, self.curves)
+        plot_curves(self.records, self.run.curves)
 
     def close(self) -> None:
         if self.tensorboard is not None:
@@ -136,9 +126,8 @@ def plot_curves(records: list[dict], path: Path) -> None:
     recall_axes.set(title="validation recall", xlabel="epoch", ylabel="%", ylim=(0, 100))
     recall_axes.legend(fontsize="small", ncol=2)
     figure.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(tmp, dpi=100)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, dpi=100, format="png")
 
 
 def validate(model: SHNet, reader: FeatureReader, captions: CaptionSet, tokenizer, options: TrainOptions, device: torch.device) -> dict:
@@ -171,12 +160,6 @@ def train_one_epoch(model, loader, optimizer, loss_fn, hardest: bool, options: T
         total, steps = total + value, steps + 1
         bar.set_postfix(loss=f"{value:.3f}")
     return total / max(steps, 1)
-
-
-def copy_atomically(source: Path, target: Path) -> None:
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.copyfile(source, tmp)
-    tmp.replace(target)
 
 
 def resumed_options(saved: dict, given: TrainOptions, explicit: set[str]) -> TrainOptions:
@@ -220,14 +203,14 @@ def _silent(message: str) -> None:
 
 
 def _train(options: TrainOptions, resume: bool, explicit: set[str] | None, log: Callable[[str], None], world: distributed.World) -> dict:
-    run_dir = Path(options.output).expanduser()
-    last = run_dir / LAST
+    run = RunDir(options.output)
+    run_dir, last = run.root, run.last
     if resume:
-        if not last.exists():
+        if not run.has_run():
             raise ShnetError(f"nothing to resume: {last} does not exist (start the run without --resume)")
         checkpoint = load_model(last)
         options = resumed_options(checkpoint.extra["options"], options, explicit or set())
-    elif last.exists():
+    elif run.has_run():
         raise ShnetError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --output")
     options.world_size = world.size
     options.check()
@@ -282,7 +265,7 @@ def _train(options: TrainOptions, resume: bool, explicit: set[str] | None, log: 
 
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / OPTIONS).write_text(json.dumps({"options": options.to_dict(), "model": config.to_dict()}, indent=2) + "\n")
+        atomic_write_json(run.options, {"options": options.to_dict(), "model": config.to_dict()})
     reader, val_reader = index.reader(train_set.images), index.reader(val_set.images)
     if options.in_memory:
         reader.load_in_memory()
@@ -291,7 +274,7 @@ def _train(options: TrainOptions, resume: bool, explicit: set[str] | None, log: 
     pairs = TrainPairs(reader, train_set, tokenizer, options.seed, options.region_dropout)
     loader = train_loader(pairs, options.batch_size, options.workers, options.seed, device.type == "cuda", world.rank, world.size)
     loss_fn = HingeTripletLoss(options.margin)
-    run_log = RunLog(run_dir, keep_epochs=start_epoch) if world.is_main else None
+    run_log = RunLog(run, keep_epochs=start_epoch) if world.is_main else None
     where = f"{world.size} processes ({device.type}, {options.batch_size // world.size} samples each)" if world.distributed else str(device)
     log(
         f"training the {options.level} model on {train_set.num_images} images / {len(train_set.captions)} captions, "
@@ -333,7 +316,7 @@ def _train(options: TrainOptions, resume: bool, explicit: set[str] | None, log: 
             }
             save_checkpoint(last, model, config, tokenizer, extra)
             if is_best:
-                copy_atomically(last, run_dir / BEST)
+                atomic_copy(last, run.best)
             log(
                 f"epoch {epoch}: loss {train_loss:.4f}, val rSum {val['rsum']:.2f} "
                 f"(i2t R@1 {val['i2t']['r1']:.1f}, t2i R@1 {val['t2i']['r1']:.1f}){' best' if is_best else ''}, "
