@@ -149,6 +149,12 @@ def specs(stage: str, names: Iterable[str] | None = None, **sizes: int) -> dict[
     return {name: arrays[name].spec(sizes) for name in (arrays if names is None else names)}
 
 
+def filled(stage: str, images: int, names: Iterable[str] | None = None, **sizes: int) -> dict[str, np.ndarray]:
+    """Arrays of ``names`` (default: every array) of ``stage`` for ``images`` images, each at its
+    fill value (the padding every writer starts from)."""
+    return {name: np.full((images,) + spec.shape, spec.fill, spec.dtype) for name, spec in specs(stage, names, **sizes).items()}
+
+
 # --- the valid-rows rule -------------------------------------------------------------------------
 def valid_rows(padded: np.ndarray, count) -> np.ndarray:
     """One image's padded array cut to its ``count`` valid leading rows (regions: ``num_boxes``)."""
@@ -160,12 +166,17 @@ def valid_mask(counts: np.ndarray, slots: int) -> np.ndarray:
     return np.arange(slots)[None, :] < np.asarray(counts).reshape(-1, 1)
 
 
-def valid_cells(padded: np.ndarray, hw) -> np.ndarray:
-    """One image's padded [G, G, C] grid cut to its valid (rows, columns) ``hw``, flattened
-    row-major to [rows * columns, C] (the grid stage's ``valid_hw``)."""
+def valid_area(padded: np.ndarray, hw) -> np.ndarray:
+    """One image's padded 2-D array (a grid, a stored map) cut to its valid (rows, columns) ``hw``
+    (the grid stage's ``valid_hw``, the panoptic stage's ``map_hw``)."""
     h, w = (int(v) for v in hw)
-    cells = padded[:h, :w]
-    return cells.reshape(h * w, cells.shape[-1])
+    return padded[:h, :w]
+
+
+def valid_cells(padded: np.ndarray, hw) -> np.ndarray:
+    """One image's padded [G, G, C] grid's valid cells, flattened row-major to [rows * columns, C]."""
+    cells = valid_area(padded, hw)
+    return cells.reshape(-1, cells.shape[-1])
 
 
 # --- checking stored arrays ----------------------------------------------------------------------

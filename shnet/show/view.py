@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from ..cache import Cache
+from ..cache import Cache, schema
 from ..data import coco_panoptic_categories
 from ..errors import ImageDecodeError, ShnetError
 from ..pipeline.images import decode_image
@@ -104,7 +104,7 @@ def read_view(cache: Cache, image_id: str, images: pd.DataFrame | None = None) -
     shard, row = int(info["shard"]), int(info["row"])
     arrays: dict[str, dict] = {}
     failed: dict[str, str] = {}
-    for stage in ("regions", "panoptic", "saliency", "grid"):
+    for stage in (schema.REGIONS, schema.PANOPTIC, schema.SALIENCY, schema.GRID):
         if cache.is_done(stage, shard):
             status = cache.shard_table(stage, shard).set_index("row").loc[row]
             if status["status"] != "ok":
@@ -115,14 +115,14 @@ def read_view(cache: Cache, image_id: str, images: pd.DataFrame | None = None) -
                 arrays[stage]["_attrs"] = dict(h5.attrs)
     rgb, note = _picture(str(info["path"]), info, arrays)
     view = ImageView(image_id, str(info["path"]), rgb, note, stages=sorted(arrays), failed=failed)
-    if "regions" in arrays:
-        view.regions = _regions(arrays["regions"])
-    if "panoptic" in arrays:
-        view.panoptic = _panoptic(cache, arrays["panoptic"], image_id, shard)
-    if "saliency" in arrays:
-        view.saliency = arrays["saliency"]["saliency"].astype(np.float32)
-    if "grid" in arrays:
-        view.grid = _grid(cache, arrays["grid"])
+    if schema.REGIONS in arrays:
+        view.regions = _regions(arrays[schema.REGIONS])
+    if schema.PANOPTIC in arrays:
+        view.panoptic = _panoptic(cache, arrays[schema.PANOPTIC], image_id, shard)
+    if schema.SALIENCY in arrays:
+        view.saliency = arrays[schema.SALIENCY][schema.SALIENCY_MAP].astype(np.float32)
+    if schema.GRID in arrays:
+        view.grid = _grid(cache, arrays[schema.GRID])
     return view
 
 
@@ -136,18 +136,19 @@ def _picture(path: str, info, arrays) -> tuple[np.ndarray, str]:
     else:
         note = "the cache records no image file"
     height, width = int(info.get("height", -1)), int(info.get("width", -1))
-    if (height <= 0 or width <= 0) and "regions" in arrays:
-        height, width = (int(v) for v in arrays["regions"]["image_hw"])
+    if (height <= 0 or width <= 0) and schema.REGIONS in arrays:
+        height, width = (int(v) for v in arrays[schema.REGIONS][schema.IMAGE_HW])
     if height <= 0 or width <= 0:
         height = width = 256
     return np.full((height, width, 3), 200, dtype=np.uint8), note
 
 
 def _regions(a: dict) -> Regions:
-    n = int(a["num_boxes"])
-    optional = {k: a[k][:n] for k in ("object_class", "object_score", "attr_class", "attr_score") if k in a}
+    n = a[schema.NUM_BOXES]
+    names = (schema.OBJECT_CLASS, schema.OBJECT_SCORE, schema.ATTR_CLASS, schema.ATTR_SCORE)
+    optional = {k: schema.valid_rows(a[k], n) for k in names if k in a}
     return Regions(
-        boxes=a["boxes"][:n].astype(np.float32),
+        boxes=schema.valid_rows(a[schema.BOXES], n).astype(np.float32),
         object_names=_attr_list(a["_attrs"], OBJECT_NAME_ATTRS),
         attribute_names=_attr_list(a["_attrs"], ATTRIBUTE_NAME_ATTRS),
         **optional,
@@ -155,17 +156,15 @@ def _regions(a: dict) -> Regions:
 
 
 def _panoptic(cache: Cache, a: dict, image_id: str, shard: int) -> Panoptic:
-    h, w = (int(v) for v in a["map_hw"])
-    segments_path = cache.table_path("panoptic", shard, "segments")
+    segments_path = cache.table_path(schema.PANOPTIC, shard, "segments")
     segments = pd.read_parquet(segments_path) if segments_path.exists() else pd.DataFrame(columns=["image_id"])
-    return Panoptic(a["class_map"][:h, :w], segments[segments["image_id"] == image_id].reset_index(drop=True))
+    return Panoptic(schema.valid_area(a[schema.CLASS_MAP], a[schema.MAP_HW]), segments[segments["image_id"] == image_id].reset_index(drop=True))
 
 
 def _grid(cache: Cache, a: dict) -> GridNorm:
-    h, w = (int(v) for v in a["valid_hw"])
-    config = cache.stage_config("grid") or {}
-    norm = np.linalg.norm(a["grid"][:h, :w].astype(np.float32), axis=-1)
-    return GridNorm(norm, int(a["grid"].shape[1]), str(config.get("resize", "stretch")), int(config.get("input_size", 0)))
+    config = cache.stage_config(schema.GRID) or {}
+    norm = np.linalg.norm(schema.valid_area(a[schema.GRID_FEATURES], a[schema.VALID_HW]).astype(np.float32), axis=-1)
+    return GridNorm(norm, int(a[schema.GRID_FEATURES].shape[1]), str(config.get("resize", "stretch")), int(config.get("input_size", 0)))
 
 
 def category_names() -> list[str]:

@@ -24,17 +24,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..cache.schema import NUM_CLASSES, REGION_FEATURE_DIM, SEG_CELLS, SEG_MAP_SIZE
 from ..errors import ShnetError
 from . import distributed
 from .distributed import BatchAlignedDropout, batch_norm_rows
 from .gpo import GPO, l2norm, length_mask, positional_encoding_1d
 from .options import SEG_MAP_MODES
 
-SEG_MAP_SIZE = 64
-SEG_FEAT_SIZE = 7
 SPATIAL_DIM = 128
 SPATIAL_ATTENTION_SCALE = 4.0  # the reference's lambda_softmax
-_SEG_MAP_SCALE, _SEG_MAP_MEAN, _SEG_MAP_STD = 133.0, 0.3342, 0.0621
+_SEG_MAP_SCALE, _SEG_MAP_MEAN, _SEG_MAP_STD = float(NUM_CLASSES), 0.3342, 0.0621
 
 
 class MaskedBatchNorm1d(nn.BatchNorm1d):
@@ -113,7 +112,7 @@ class SemanticHighlighting(nn.Module):
         super().__init__()
         self.MLP_image = MLP(embed_size, embed_size // 2, embed_size)
         self.MLP_seg = MLP(embed_size, embed_size // 2, embed_size)
-        self.embed_seg_HW = _class_embedding(num_classes, embed_size, nn.AvgPool2d(SEG_FEAT_SIZE), nn.Flatten(1))
+        self.embed_seg_HW = _class_embedding(num_classes, embed_size, nn.AvgPool2d(SEG_CELLS), nn.Flatten(1))
         self.fc_scale = nn.Linear(embed_size, embed_size)
         self.fc_1 = nn.Linear(embed_size, embed_size)
 
@@ -175,7 +174,7 @@ def pack_tokens(
 class ImageEncoder(nn.Module):
     """Regions [B, R, region_dim] (+ segmentation inputs) -> l2-normalised embeddings [B, D]."""
 
-    def __init__(self, region_dim: int = 2048, embed_size: int = 1024, num_classes: int = 133, seg_map_mode: str = "raw"):
+    def __init__(self, region_dim: int = REGION_FEATURE_DIM, embed_size: int = 1024, num_classes: int = NUM_CLASSES, seg_map_mode: str = "raw"):
         super().__init__()
         if seg_map_mode not in SEG_MAP_MODES:
             raise ShnetError(f"seg_map_mode must be one of {SEG_MAP_MODES}, got {seg_map_mode!r}")
@@ -229,7 +228,7 @@ class ImageEncoder(nn.Module):
             "lengths": (lengths, (batch,)),
             "seg_map": (seg_map, (batch, SEG_MAP_SIZE, SEG_MAP_SIZE)),
             "cat_onehot": (cat_onehot, (batch, self.num_classes)),
-            "seg_feat": (seg_feat, (batch, self.num_classes, SEG_FEAT_SIZE, SEG_FEAT_SIZE)),
+            "seg_feat": (seg_feat, (batch, self.num_classes, SEG_CELLS, SEG_CELLS)),
         }
         for name, (tensor, shape) in expected.items():
             if tuple(tensor.shape) != shape:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..cache.schema import NUM_CLASSES, REGION_FEATURE_DIM
 from ..errors import ShnetError
 from .image_encoder import ImageEncoder
 from .options import LEVELS, SEG_MAP_MODES, TEXT_ENCODERS
@@ -31,8 +32,8 @@ class ModelConfig:
 
     level: str = "region"
     embed_size: int = 1024
-    region_dim: int = 2048
-    num_classes: int = 133
+    region_dim: int = REGION_FEATURE_DIM
+    num_classes: int = NUM_CLASSES
     seg_map_mode: str = "raw"
     text_encoder: str = "bigru"
     bert_path: str | None = None

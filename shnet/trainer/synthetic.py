@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..cache import write_stage
+from ..cache import schema, write_stage
+from ..cache.schema import NUM_CLASSES, SEG_CELLS, SEG_MAP_SIZE
 
 CONCEPT_WORDS = (
     "dog",
@@ -49,9 +50,8 @@ def concept_sets(num_images: int, num_concepts: int, per_image: int, rng: np.ran
 def write_concept_cache(
     root: str | Path,
     splits: dict[str, int],
-    feature_dim: int = 2048,
+    feature_dim: int = schema.REGION_FEATURE_DIM,
     num_boxes: int = 12,
-    num_classes: int = 133,
     num_concepts: int = 12,
     concepts_per_image: int = 3,
     grid_size: int = 0,
@@ -67,51 +67,41 @@ def write_concept_cache(
     image_ids = [f"img{i:05d}" for i in range(n)]
     concepts = concept_sets(n, num_concepts, concepts_per_image, rng)
     prototypes = rng.standard_normal((num_concepts, feature_dim)).astype(np.float32)
-    classes = rng.choice(num_classes, size=num_concepts, replace=False)
+    classes = rng.choice(NUM_CLASSES, size=num_concepts, replace=False)
 
     counts = rng.integers(max(1, num_boxes // 2), num_boxes + 1, size=n)
-    features = np.zeros((n, num_boxes, feature_dim), dtype=np.float16)
-    boxes = np.zeros((n, num_boxes, 4), dtype=np.float32)
-    seg_map = np.full((n, 64, 64), 255, dtype=np.uint8)
-    seg_feat = np.zeros((n, num_classes, 7, 7), dtype=np.float16)
-    cat_onehot = np.zeros((n, num_classes), dtype=np.uint8)
+    regions = schema.filled(schema.REGIONS, n, (schema.FEATURES, schema.BOXES, schema.NUM_BOXES), K=num_boxes, D=feature_dim)
+    regions[schema.NUM_BOXES][:] = counts
+    layout = schema.filled(schema.LAYOUT, n, schema.LAYOUT_INPUTS)
+    seg_map, seg_feat, cat_onehot = (layout[name] for name in (schema.SEG_MAP, schema.SEG_FEAT, schema.CAT_ONEHOT))
     for i, present in enumerate(concepts):
         owners = rng.choice(present, size=counts[i])
-        features[i, : counts[i]] = prototypes[owners] + noise * rng.standard_normal((counts[i], feature_dim))
-        boxes[i, : counts[i]] = [0, 0, 64, 64]
+        regions[schema.FEATURES][i, : counts[i]] = prototypes[owners] + noise * rng.standard_normal((counts[i], feature_dim))
+        regions[schema.BOXES][i, : counts[i]] = [0, 0, SEG_MAP_SIZE, SEG_MAP_SIZE]
         for stripe, concept in enumerate(present):
-            left, right = 64 * stripe // len(present), 64 * (stripe + 1) // len(present)
+            left, right = SEG_MAP_SIZE * stripe // len(present), SEG_MAP_SIZE * (stripe + 1) // len(present)
             seg_map[i, 8:56, left:right] = classes[concept]
             cat_onehot[i, classes[concept]] = 1
-            seg_feat[i, classes[concept], 1:6, 7 * stripe // len(present) : 7 * (stripe + 1) // len(present) + 1] = 1.0
+            cells = slice(SEG_CELLS * stripe // len(present), SEG_CELLS * (stripe + 1) // len(present) + 1)
+            seg_feat[i, classes[concept], 1:6, cells] = 1.0
     write_stage(
         root,
-        "regions",
+        schema.REGIONS,
         image_ids,
-        {"features": features, "boxes": boxes, "num_boxes": counts.astype(np.int32)},
+        regions,
         {"synthetic": True, "num_boxes": num_boxes},
-        table={"num_boxes": counts},
+        table={schema.NUM_BOXES: counts},
         shard_size=shard_size,
     )
-    write_stage(
-        root,
-        "layout",
-        image_ids,
-        {"seg_feat": seg_feat, "seg_map": seg_map, "cat_onehot": cat_onehot},
-        {"synthetic": True},
-        shard_size=shard_size,
-    )
+    write_stage(root, schema.LAYOUT, image_ids, layout, {"synthetic": True}, shard_size=shard_size)
     if grid_size:
-        grid = np.zeros((n, grid_size, grid_size, feature_dim), dtype=np.float16)
-        valid = np.zeros((n, 2), dtype=np.int16)
+        grid = schema.filled(schema.GRID, n, G=grid_size, C=feature_dim)
         for i, present in enumerate(concepts):
             h, w = (max(1, grid_size - int(rng.integers(0, 2))) for _ in range(2))  # some grids padded
             columns = np.array([present[c * len(present) // w] for c in range(w)])
-            grid[i, :h, :w] = prototypes[columns][None] + noise * rng.standard_normal((h, w, feature_dim))
-            valid[i] = (h, w)
-        write_stage(
-            root, "grid", image_ids, {"grid": grid, "valid_hw": valid}, {"synthetic": True, "grid_size": grid_size}, shard_size=shard_size
-        )
+            grid[schema.GRID_FEATURES][i, :h, :w] = prototypes[columns][None] + noise * rng.standard_normal((h, w, feature_dim))
+            grid[schema.VALID_HW][i] = (h, w)
+        write_stage(root, schema.GRID, image_ids, grid, {"synthetic": True, "grid_size": grid_size}, shard_size=shard_size)
 
     split_of = np.repeat(list(splits), list(splits.values()))
     rows = []

@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from ...cache import schema
-from ...cache.schema import GEOMETRY_DIM, NUM_CLASSES, VOID, ArraySpec, valid_rows
+from ...cache.schema import GEOMETRY_DIM, NUM_CLASSES, VOID, ArraySpec, valid_area, valid_rows
 from ...cache.store import Cache, ShardWriter
 from ...errors import ShnetError
 from ..segmaps import (
@@ -101,11 +101,11 @@ class LayoutStage(Stage):
         status, error = inputs.panoptic_status(row)
         if status != "ok":
             return {"row": row, "status": "error", "error": f"panoptic: {error}", "seconds": 0.0, "num_present": 0}
-        map_h, map_w = (int(v) for v in inputs.map_hw[row])
-        stored = inputs.panoptic[schema.CLASS_MAP][row, :map_h, :map_w]
+        map_hw = inputs.map_hw[row]
+        stored = valid_area(inputs.panoptic[schema.CLASS_MAP][row], map_hw)
         categories, areas = inputs.segments_of(row)
         if job.config["void"] == "fill":
-            semantic = inputs.semantic_map[row, :map_h, :map_w] if inputs.semantic_map is not None else None
+            semantic = valid_area(inputs.semantic_map[row], map_hw) if inputs.semantic_map is not None else None
             filled = fill_void(stored, semantic)
             categories, areas = _with_filled_areas(categories, areas, stored, filled, inputs.full_size(row))
             stored = filled
