@@ -20,6 +20,7 @@ import torch
 
 from .. import __version__
 from ..checkpoints import load_state_strict, load_weights_file, strip_prefix
+from ..cache.schema import NUM_CLASSES
 from ..errors import CheckpointMismatchError, ShnetError
 from ..fileio import atomic_open
 from .model import ModelConfig, SHNet, build_model, config_of
@@ -161,7 +162,7 @@ def _load_reference(path: Path, payload: dict, bert_path: str | None, seg_map_mo
         level="region",
         embed_size=int(embed_size),
         region_dim=int(region_dim),
-        num_classes=int(category.shape[1]) if category is not None else 133,
+        num_classes=int(category.shape[1]) if category is not None else NUM_CLASSES,
         seg_map_mode=seg_map_mode or "raw",
         text_encoder="bert",
         bert_path=bert_path,
