@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from shnet.cache import Cache, write_stage
-from shnet.cache.npy_sets import ExportRequest, export_split
+from shnet.npy_sets.exporter import ExportRequest, export_split
 from shnet.cache.store import atomic_write_parquet
 from shnet.cli import main
 from shnet.errors import ShnetError

@@ -15,9 +15,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import shnet.cache.npy_sets as npy_sets
+import shnet.npy_sets.format as npy_format
 from shnet.cache import Cache, ShardWriter, write_stage
 from shnet.cache.inspect import verify_cache
+from shnet.cache.rows import ShardRows
 from shnet.cli import main
 
 CLASSES = 133
@@ -158,7 +159,7 @@ def test_any_subset_of_files_round_trips(tmp_path, files):
     source = write_set(tmp_path / "set", {"test": 3}, files=files, dim=32)
     shnet("import", source, "-o", tmp_path / "cache")
     cache = Cache(tmp_path / "cache")
-    stages = {npy_sets.KINDS[name].stage for name in files if name in npy_sets.KINDS}
+    stages = {npy_format.KINDS[name].stage for name in files if name in npy_format.KINDS}
     assert set(cache.recorded_stages()) == stages
     if "ids" not in files:
         assert cache.images()["image_id"].tolist() == ["test/0", "test/1", "test/2"]
@@ -281,7 +282,7 @@ def test_export_refuses_images_the_cache_lacks_and_odd_caption_counts(tmp_path):
 
 def record_reads_and_writes(monkeypatch, chunk_bytes: int) -> tuple[list, list]:
     """Blocks of ``chunk_bytes``; every np.load's keyword arguments and every (array, rows) written."""
-    monkeypatch.setattr(npy_sets, "CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(npy_format, "CHUNK_BYTES", chunk_bytes)
     loads, written = [], []
     real_load, real_write = np.load, ShardWriter.write
     monkeypatch.setattr(np, "load", lambda *a, **k: loads.append(k) or real_load(*a, **k))
@@ -299,8 +300,8 @@ def test_streaming_reads_and_writes_bounded_chunks(tmp_path, monkeypatch):
     assert sum(feature_blocks) == 11 and max(feature_blocks) <= 3 and len(feature_blocks) >= 5  # blocks split at shard ends too
 
     read = []
-    real_read = npy_sets._ShardFiles.read
-    monkeypatch.setattr(npy_sets._ShardFiles, "read", lambda self, stage, name, s, r: read.append((name, len(s))) or real_read(self, stage, name, s, r))
+    real_read = ShardRows.read
+    monkeypatch.setattr(ShardRows, "read", lambda self, stage, name, s, r: read.append((name, len(s))) or real_read(self, stage, name, s, r))
     shnet("export", tmp_path / "cache", "-o", tmp_path / "out", "--split", "train")
     feature_reads = [size for name, size in read if name == "features"]
     assert sum(feature_reads) == 11 and max(feature_reads) <= 3

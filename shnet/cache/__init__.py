@@ -1,6 +1,6 @@
 """The cache contract both halves of shnet share: the on-disk layout, atomic shard commits, the
-cache record, readers, inspect/verify, captions stored in a cache, and import/export of the SCAN/3SHNet
-precomputed ``.npy`` sets (:mod:`shnet.cache.npy_sets`).
+cache record, readers, inspect/verify (and their commands), and captions (caption files and the
+captions a cache carries). Import/export of the SCAN/3SHNet ``.npy`` sets is :mod:`shnet.npy_sets`.
 
 The pipeline writes caches through it and the trainer reads them through it; neither reaches into
 the other.

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cache.npy_files import read_header_fields
+from ..npy_sets.format import read_header_fields
 from ..errors import ShnetError
 from ..fileio import atomic_open
 

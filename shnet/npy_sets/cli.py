@@ -1,8 +1,5 @@
-"""``shnet import`` and ``shnet export``: SCAN/3SHNet precomputed ``.npy`` sets to and from a cache.
-
-The layout knowledge lives in :mod:`shnet.cache.npy_sets`; this module parses options and, for an
-export driven by a caption file, turns that file's split into the ordered images and captions.
-"""
+"""``shnet import`` and ``shnet export``: options parsed, :mod:`~shnet.npy_sets.importer` and
+:mod:`~shnet.npy_sets.exporter` called, their reports printed."""
 
 from __future__ import annotations
 
@@ -10,12 +7,11 @@ import sys
 
 import click
 
-from ..cache import Cache
-from ..cache.npy_region_files import DEFAULT_FEATURES_DIR, REGION_LAYOUTS
-from ..cache.npy_sets import DEFAULT_CAPTIONS_PER_IMAGE, ExportRequest, export_split, import_sets, imported_split
-from ..errors import ShnetError
+from ..cache.store import Cache
 from ..fileio import terminal_safe
-from ..cache.captions import match_images, read_captions, select_split
+from .exporter import captions_split, export_split, imported_split
+from .format import DEFAULT_CAPTIONS_PER_IMAGE, DEFAULT_FEATURES_DIR, REGION_LAYOUTS
+from .importer import import_sets
 
 
 def _log(message: str) -> None:
@@ -104,29 +100,3 @@ def export_command(cache, out, splits, captions, captions_per_image, region_feat
     for split, request in zip(splits, requests):
         written = export_split(opened, request, out, log=_log)
         click.echo(f"split '{split}': {len(request.image_ids)} images -> {', '.join(str(p) for p in written)}")
-
-
-def captions_split(cache: Cache, captions_path: str, split: str, captions_per_image: int) -> ExportRequest:
-    """``split`` of a caption file as an export request: its images (matched to the cache's ids) in
-    the file's order, each with exactly ``captions_per_image`` captions."""
-    captions = select_split(read_captions(captions_path), split)
-    match = match_images(captions.images, cache.images()["image_id"].astype(str))
-    if match.not_in_cache or match.ambiguous:
-        problems = [f"{len(match.not_in_cache)} not in the cache, e.g. {', '.join(match.not_in_cache[:5])}"] if match.not_in_cache else []
-        if match.ambiguous:
-            examples = "; ".join(f"{k} -> {' | '.join(v[:3])}" for k, v in list(match.ambiguous.items())[:5])
-            problems.append(f"{len(match.ambiguous)} matching several cache images by file name, e.g. {examples}")
-        raise ShnetError(
-            f"{len(match.not_in_cache) + len(match.ambiguous)} of {captions.num_images} images of split '{split}' in {captions_path} "
-            f"cannot be exported from {cache.root}: " + "; ".join(problems) + ". Extract them first (`shnet extract` resumes)."
-        )
-    counts = captions.captions_per_image()
-    wrong = [i for i, count in enumerate(counts) if count != captions_per_image]
-    if wrong:
-        examples = ", ".join(f"{captions.images[i]} ({counts[i]})" for i in wrong[:5])
-        raise ShnetError(
-            f"split '{split}' of {captions_path}: the precomputed layout needs {captions_per_image} captions per image, "
-            f"{len(wrong)} of {captions.num_images} images have another number, e.g. {examples}; pass --captions-per-image N"
-        )
-    image_ids = [match.cache_ids[name] for name in captions.images]
-    return ExportRequest(split, image_ids, list(captions.captions), captions_per_image)

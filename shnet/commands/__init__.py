@@ -1,1 +1,0 @@
-"""Click commands that join layers (each module registers in ``shnet.cli`` with one import)."""
