@@ -6,6 +6,7 @@ import json
 
 import click
 
+from ..devices import DEVICE_HELP, DEVICE_METAVAR, device_option_callback
 from ..errors import ShnetError
 from ..fileio import terminal_safe, writable_destination
 from .store import DTYPES
@@ -25,7 +26,7 @@ def _log(message: str) -> None:
 @click.option("--batch-size", type=int, default=256, show_default=True)
 @click.option("--shard-size", type=int, default=10000, show_default=True, help="Rows per Parquet shard (the unit of resume).")
 @click.option("--workers", type=int, default=0, show_default=True, help="DataLoader worker processes reading the caches.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--device", default="auto", show_default=True, metavar=DEVICE_METAVAR, callback=device_option_callback, help=DEVICE_HELP + ".")
 @click.option("--bert-path", type=click.Path(file_okay=False), help="Local bert-base-uncased folder (needed by reference checkpoints).")
 @click.option("--index", "build", is_flag=True, help="Also build the approximate FAISS index (needs faiss) and report its recall@10.")
 @click.option("--index-recall", type=float, default=0.95, show_default=True, help="Recall@10 the index's nprobe is tuned to reach.")
@@ -33,7 +34,6 @@ def _log(message: str) -> None:
 def encode_command(run, caches, output, captions, split, dtype, batch_size, shard_size, workers, device, bert_path, build, index_recall, index_queries):
     """Embeddings of every usable image of the caches (and of --captions) with RUN (a run directory
     means its best.pth), as Parquet shards in OUTPUT; resumable by shard."""
-    from ..trainer.device import resolve_device
     from .encode import EncodeRequest, encode
     from .index import build_index
 
@@ -42,7 +42,7 @@ def encode_command(run, caches, output, captions, split, dtype, batch_size, shar
     totals = ", ".join(f"{report.totals[p]} {p} ({report.encoded[p]} encoded now)" for p in report.totals)
     click.echo(f"{report.store}: {totals}; {report.skipped_images} image(s) without usable features skipped; {report.seconds:.1f}s")
     if build:
-        record = build_index(report.store, index_recall, index_queries, device=resolve_device(device), log=_log)
+        record = build_index(report.store, index_recall, index_queries, log=_log)
         caption = record["caption_recall_at_10"]
         click.echo(
             f"index {record['type']}: nprobe {record['nprobe']}, recall@10 {record['recall_at_10']:.3f} vs exact on "
@@ -59,7 +59,7 @@ def encode_command(run, caches, output, captions, split, dtype, batch_size, shar
 @click.option("--ann", is_flag=True, help="Use the approximate index built by `shnet encode --index` instead of exact search.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON: one {query, searched, method, hits} per query.")
 @click.option("--html", "html_path", type=click.Path(dir_okay=False), help="Also write the hits as a static HTML page with thumbnails.")
-@click.option("--device", default="auto", show_default=True, help="Where queries are encoded and scored.")
+@click.option("--device", default="auto", show_default=True, metavar=DEVICE_METAVAR, callback=device_option_callback, help=f"{DEVICE_HELP}: where query texts are encoded (scoring runs on the CPU over the memory-mapped store).")
 @click.option("--bert-path", type=click.Path(file_okay=False), help="Local bert-base-uncased folder (needed by reference checkpoints).")
 def search_command(store, queries, k, image_id, ann, as_json, html_path, device, bert_path):
     """Text-to-image top-k over the embeddings in STORE for each QUERY text (exact unless --ann),
@@ -74,7 +74,7 @@ def search_command(store, queries, k, image_id, ann, as_json, html_path, device,
     if image_id:
         if ann:
             raise ShnetError("--ann searches images; image-to-text (--image) is always exact")
-        results = [search_image(store, image_id, k, device)]
+        results = [search_image(store, image_id, k)]
         query_path = _image_path(store, image_id)
     else:
         results = search_text(store, list(queries), k, "ann" if ann else "exact", device, bert_path)

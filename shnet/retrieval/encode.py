@@ -23,11 +23,11 @@ from .. import __version__
 from ..cache import Cache
 from ..cache.store import image_list_digest
 from ..checkpoints import file_sha256
+from ..devices import resolve_device
 from ..errors import ShnetError
 from ..cache.captions import CaptionSet, match_images, read_captions, stored_captions
 from ..trainer.checkpoint import LoadedModel, load_model
 from ..trainer.data import FeatureIndex, caption_loader, image_loader
-from ..trainer.device import resolve_device
 from ..trainer.run import resolve_checkpoint
 from .store import DTYPES, FORMAT, FORMAT_VERSION, EmbeddingStore
 

@@ -21,12 +21,10 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 
-from ..cache.store import atomic_write_json
 from ..errors import ShnetError
-from ..fileio import read_json
-from .search import exact_top_k
+from ..fileio import atomic_write_json, read_json
+from .topk import exact_top_k
 from .store import EmbeddingStore
 
 INDEX_DIR = "index"
@@ -72,7 +70,6 @@ def build_index(
     target_recall: float = 0.95,
     queries: int = 1000,
     seed: int = 0,
-    device: torch.device = torch.device("cpu"),
     log: Callable[[str], None] = print,
 ) -> dict:
     """Build, tune and save the index of the store's images; returns its record."""
@@ -104,7 +101,7 @@ def build_index(
     build_seconds = time.perf_counter() - started
 
     log(f"index: tuning nprobe for recall@{RECALL_AT} >= {target_recall} on {len(held_out)} held-out queries")
-    _, exact = exact_top_k(held_out, store.chunks("images"), RECALL_AT, device, exclude=query_rows)
+    _, exact = exact_top_k(held_out, store.matrix("images"), RECALL_AT, exclude=query_rows)
     curve, nprobe = {}, nlist
     for probe in sorted({min(2**p, nlist) for p in range(int(math.log2(nlist)) + 2)}):
         index.nprobe = probe
@@ -118,7 +115,7 @@ def build_index(
     started = time.perf_counter()
     index.add_with_ids(held_out, query_rows)  # held out for tuning only: the index covers every image
     build_seconds += time.perf_counter() - started
-    caption_recall = _caption_recall(store, index, queries, rng, device) if "captions" in record else None
+    caption_recall = _caption_recall(store, index, queries, rng) if "captions" in record else None
 
     folder = store.root / INDEX_DIR
     folder.mkdir(parents=True, exist_ok=True)
@@ -145,20 +142,16 @@ def build_index(
 
 
 def _gather(store: EmbeddingStore, rows: np.ndarray, part: str = "images") -> np.ndarray:
-    """The embeddings of the given sorted global rows of ``part``, float32, streaming the store once."""
-    out = np.empty((len(rows), store.record()["dimension"]), dtype=np.float32)
-    for chunk in store.chunks(part):
-        lo, hi = np.searchsorted(rows, [chunk.start, chunk.start + len(chunk.embeddings)])
-        out[lo:hi] = chunk.embeddings[rows[lo:hi] - chunk.start]
-    return out
+    """The embeddings of the given global rows of ``part``, float32."""
+    return store.matrix(part).take(rows).astype(np.float32)
 
 
-def _caption_recall(store: EmbeddingStore, index, queries: int, rng: np.random.Generator, device: torch.device) -> float:
+def _caption_recall(store: EmbeddingStore, index, queries: int, rng: np.random.Generator) -> float:
     """Recall@10 of the tuned index for caption (text-to-image) queries."""
     entry = store.complete_part("captions")
     rows = np.sort(rng.choice(entry["rows"], size=min(entry["rows"], queries), replace=False))
     texts = _gather(store, rows, "captions")
-    _, exact = exact_top_k(texts, store.chunks("images"), RECALL_AT, device)
+    _, exact = exact_top_k(texts, store.matrix("images"), RECALL_AT)
     _, found = index.search(texts, RECALL_AT)
     return recall_at(found, exact)
 

@@ -1,26 +1,31 @@
-"""The embedding store on disk: Parquet shards of embeddings and the record of where they came from.
+"""The embedding store on disk: per shard a Parquet table and the raw embedding matrix, a done
+record vouching for both, and the store's record of where they came from.
 
 Layout of one store directory (``shnet encode RUN --cache CACHE -o EMB``)::
 
     embeddings.json            format, the run (checkpoint path, sha256, epoch), caches, dtype,
                                dimension, shard plan and row counts of each part
     images/00000.parquet       image_id, path, embedding (fixed_size_list<float32|float16>[D])
-    captions/00000.parquet     caption_id, image, image_id, split, caption, embedding
+    matrices/images/00000.npy  the same embeddings as a raw little-endian [rows, D] matrix (what
+                               search reads, memory-mapped: no Parquet list decoding)
+    done/images/00000.done     written last: rows, dimension, largest row norm, and the bytes and
+                               sha256 of the two files above
+    captions/00000.parquet     caption_id, image, image_id, split, caption, embedding (and its
+                               matrices/captions/00000.npy, done/captions/00000.done)
     index/images.faiss         the approximate index (``--index``) and index/index.json, its record
-    .lock                      held (flock) by the one encode that may write the store
+    .lock                      held by the one encode that may write the store
 
-A shard is written under a temporary name and renamed into place, so a shard file that exists is
-complete; an interrupted encode leaves only ``*.tmp-*`` files, removed by the next one.
-Read a part as one frame with ``pd.read_parquet("EMB/images")``; :func:`embedding_matrix` turns
-the ``embedding`` column into an [N, D] array.
+A shard's files are written under temporary names and renamed into place, its done record last; a
+shard counts as done only when its done record is readable and both files match it (sizes, Parquet
+signature, the ``.npy`` header's dtype and shape), so a cut or rewritten file is redone by the next
+encode and named by search. Read a part as one frame with ``pd.read_parquet("EMB/images")`` (the
+part's folder holds its Parquet tables only).
+Stores of format 1 (Parquet only, before the ``.npy`` matrices) are refused with the command that
+re-encodes them.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -28,12 +33,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..cache.store import atomic_write_json, atomic_write_parquet, file_problem, shard_stem
+from ..cache.store import file_problem, shard_stem, vouch
 from ..errors import ShnetError
-from ..fileio import read_json, reading
+from ..fileio import DirectoryLock, atomic_open, atomic_write_json, atomic_write_parquet, read_json, reading, remove_stale_temporaries
+from .topk import Chunk, Matrix
 
 FORMAT = "shnet-embeddings"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 RECORD = "embeddings.json"
 PARTS = ("images", "captions")
 DTYPES = ("float32", "float16")
@@ -41,6 +47,7 @@ _ARROW_TYPES = {"float32": pa.float32(), "float16": pa.float16()}
 # Embeddings do not compress and dictionary encoding only slows them: plain pages read 2-3x faster;
 # row groups of 32768 rows let a reader stream a shard without holding all of it.
 SHARD_WRITE_OPTIONS = {"compression": "none", "use_dictionary": False, "row_group_size": 32768}
+REDO = "re-run the same `shnet encode` command to redo it"
 
 
 def embedding_column(embeddings: np.ndarray, dtype: str) -> pa.FixedSizeListArray:
@@ -57,12 +64,28 @@ def embedding_matrix(column: pa.ChunkedArray | pa.FixedSizeListArray) -> np.ndar
     return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
 
 
-@dataclass
-class Chunk:
-    """Consecutive rows of a part: ``start`` is the global row of ``embeddings[0]``."""
-
-    start: int
-    embeddings: np.ndarray
+def npy_problem(path: Path, vouched: dict) -> str | None:
+    """What is wrong with a shard's ``.npy`` against its done record (size, then the header: a
+    little-endian C-order matrix of the recorded dtype and shape that fills the file); None if nothing."""
+    problem = file_problem(path, vouched)
+    if problem is not None:
+        return problem
+    try:
+        with open(path, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+            if read_header is None:
+                return f"is a .npy file of version {version}, not one shnet writes"
+            shape, fortran, dtype = read_header(fh)
+            offset = fh.tell()
+    except (ValueError, OSError, SyntaxError) as exc:
+        return f"is not a .npy file ({' '.join(str(exc).split())[:120]})"
+    expected = np.dtype(vouched["dtype"]).newbyteorder("<")
+    if fortran or dtype != expected or tuple(shape) != (vouched["rows"], vouched["dimension"]):
+        return f"holds a {'Fortran-order ' if fortran else ''}{dtype.str} {tuple(shape)} matrix, its done record vouches for {expected.str} ({vouched['rows']}, {vouched['dimension']})"
+    if path.stat().st_size != offset + expected.itemsize * vouched["rows"] * vouched["dimension"]:
+        return "is cut short or padded (its size does not match its header)"
+    return None
 
 
 class EmbeddingStore:
@@ -85,6 +108,11 @@ class EmbeddingStore:
         record = read_json(self.record_path, "the embedding record", "re-run `shnet encode` into a new -o folder")
         if not isinstance(record, dict) or record.get("format") != FORMAT or record.get("format_version", 0) > FORMAT_VERSION:
             raise ShnetError(f"{self.record_path}: not a shnet embedding record this version reads (format {record.get('format')!r} v{record.get('format_version')})")
+        if record.get("format_version", 0) < FORMAT_VERSION:
+            raise ShnetError(
+                f"{self.root} was written by an older shnet (format {record.get('format_version')}: Parquet shards without the .npy "
+                f"matrices search reads); re-encode it: `shnet encode RUN --cache CACHE [--captions FILE] -o NEW_FOLDER`"
+            )
         return record
 
     def save_record(self, record: dict) -> None:
@@ -100,51 +128,95 @@ class EmbeddingStore:
         return entry
 
     # --- shards -------------------------------------------------------------------------------
-    def shard_path(self, part: str, shard: int) -> Path:
-        return self.root / part / f"{shard_stem(shard)}.parquet"
+    def shard_path(self, part: str, shard: int, suffix: str = ".parquet") -> Path:
+        """A shard's table (``.parquet``), matrix (``.npy``) or done record (``.done``)."""
+        folder = {".parquet": self.root, ".npy": self.root / "matrices", ".done": self.root / "done"}[suffix]
+        return folder / part / f"{shard_stem(shard)}{suffix}"
 
-    def write_shard(self, part: str, shard: int, table: pa.Table) -> None:
-        path = self.shard_path(part, shard)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_parquet(path, table, **SHARD_WRITE_OPTIONS)
+    def write_shard(self, part: str, shard: int, table: pa.Table, embeddings: np.ndarray, dtype: str) -> None:
+        """Commit one shard: its matrix (``embeddings`` as ``dtype``, little-endian) and its table
+        (the same embeddings as its ``embedding`` column), then the done record vouching for both."""
+        matrix = np.ascontiguousarray(embeddings, dtype=np.dtype(dtype).newbyteorder("<"))
+        if matrix.ndim != 2 or len(matrix) != table.num_rows:
+            raise ValueError(f"{matrix.shape} embeddings for a table of {table.num_rows} rows")
+        done, npy, parquet = (self.shard_path(part, shard, suffix) for suffix in (".done", ".npy", ".parquet"))
+        for path in (done, npy, parquet):
+            path.parent.mkdir(parents=True, exist_ok=True)
+        done.unlink(missing_ok=True)
+        with atomic_open(npy) as fh:
+            np.lib.format.write_array(fh, matrix, allow_pickle=False)
+        atomic_write_parquet(parquet, table.append_column("embedding", embedding_column(matrix, dtype)), **SHARD_WRITE_OPTIONS)
+        norms = np.linalg.norm(matrix.astype(np.float32), axis=1)
+        atomic_write_json(
+            done,
+            {
+                "rows": int(len(matrix)),
+                "dimension": int(matrix.shape[1]),
+                "dtype": dtype,
+                "max_norm": float(norms.max()) if len(norms) else 0.0,
+                "files": {npy.name: vouch(npy), parquet.name: vouch(parquet)},
+            },
+        )
+
+    def shard_problem(self, part: str, shard: int) -> str | None:
+        """Why ``shard`` of ``part`` is not done (a file named), or None when its done record vouches
+        for files that look whole (cheap: sizes, signatures, the matrix header; no hashing)."""
+        done = self.shard_path(part, shard, ".done")
+        if not done.exists():
+            return f"shard {shard_stem(shard)} of {self.root / part} was never finished (no {done})"
+        try:
+            record = read_json(done, "a shard's done record", REDO)
+        except ShnetError as exc:
+            return str(exc)
+        npy, parquet = self.shard_path(part, shard, ".npy"), self.shard_path(part, shard)
+        files = record.get("files", {}) if isinstance(record, dict) else {}
+        if npy.name not in files or parquet.name not in files:
+            return f"{done} does not vouch for {npy.name} and {parquet.name}; {REDO}"
+        problem = npy_problem(npy, {**files[npy.name], **{k: record[k] for k in ("rows", "dimension", "dtype")}})
+        if problem is not None:
+            return f"{npy} {problem}; {REDO}"
+        problem = file_problem(parquet, files[parquet.name])
+        return None if problem is None else f"{parquet} {problem}; {REDO}"
 
     def done_shards(self, part: str) -> set[int]:
-        """Shards present and whole as far as a cheap look tells (Parquet signature at both ends):
-        a cut or garbage shard counts as missing, so that a re-run of encode redoes it."""
-        folder = self.root / part
+        """Shards whose done record vouches for whole-looking files; a re-run of encode redoes the rest."""
+        folder = self.root / "done" / part
         if not folder.is_dir():
             return set()
-        return {int(p.stem) for p in folder.glob("*.parquet") if p.stem.isdigit() and file_problem(p, {}) is None}
-
-    def reading_shard(self, path: Path):
-        return reading(path, "embedding shard", "delete it and re-run the same `shnet encode` command to redo it")
+        return {int(p.stem) for p in folder.glob("*.done") if p.stem.isdigit() and self.shard_problem(part, int(p.stem)) is None}
 
     def complete_part(self, part: str) -> dict:
-        """The part's record entry, refusing when some of its shards are missing (an interrupted encode)."""
+        """The part's record entry, refusing (naming the first bad shard) when a shard is missing or damaged."""
         entry = self.part(part)
-        missing = sorted(set(range(entry["shards"])) - self.done_shards(part))
-        if missing:
+        problems = {s: self.shard_problem(part, s) for s in range(entry["shards"])}
+        bad = {s: p for s, p in problems.items() if p is not None}
+        if bad:
+            first = next(iter(bad.values()))
             raise ShnetError(
-                f"{self.root}: {len(missing)} of {entry['shards']} {part} shard(s) are missing (an interrupted encode); "
-                "re-run the same `shnet encode` command to finish it"
+                f"{self.root}: {len(bad)} of {entry['shards']} {part} shard(s) are missing or damaged (an interrupted encode, or "
+                f"a file changed since), e.g. {first}; re-run the same `shnet encode` command to finish it"
             )
         return entry
 
-    def chunks(self, part: str, rows: int = 65536) -> Iterator[Chunk]:
-        """The part's embeddings in order, at most ``rows`` at a time (never the whole matrix)."""
-        entry, start = self.complete_part(part), 0
+    def matrix(self, part: str) -> Matrix:
+        """The part's embeddings as one :class:`Matrix` over its shards' memory-mapped ``.npy`` files
+        (nothing read until used; never unpickled)."""
+        entry = self.complete_part(part)
+        blocks, max_norm = [], 0.0
         for shard in range(entry["shards"]):
-            path = self.shard_path(part, shard)
+            path = self.shard_path(part, shard, ".npy")
             with self.reading_shard(path):
-                batches = pq.ParquetFile(path).iter_batches(batch_size=rows, columns=["embedding"])
-            while True:
-                with self.reading_shard(path):
-                    batch = next(batches, None)
-                    matrix = None if batch is None else embedding_matrix(batch.column(0))
-                if matrix is None:
-                    break
-                yield Chunk(start, matrix)
-                start += len(matrix)
+                blocks.append(np.load(path, mmap_mode="r", allow_pickle=False))
+                done = read_json(self.shard_path(part, shard, ".done"), "a shard's done record", REDO)
+            max_norm = max(max_norm, float(done["max_norm"]))
+        return Matrix(blocks, max_norm)
+
+    def chunks(self, part: str, rows: int = 65536) -> Iterator[Chunk]:
+        """The part's embeddings in order, at most ``rows`` at a time (memory-mapped views)."""
+        return self.matrix(part).chunks(rows)
+
+    def reading_shard(self, path: Path):
+        return reading(path, "embedding shard", f"delete it and {REDO}")
 
     def rows(self, part: str, global_rows: np.ndarray, columns: list[str]) -> list[dict]:
         """The given rows' ``columns`` (not their embeddings), in the order asked."""
@@ -167,29 +239,15 @@ class EmbeddingStore:
             path = self.shard_path(part, shard)
             with self.reading_shard(path):
                 hits = np.flatnonzero(pq.read_table(path, columns=[column]).column(column).to_numpy(zero_copy_only=False) == value)
-                if len(hits):
-                    row = int(hits[0])
-                    embeddings = pq.read_table(path, columns=["embedding"]).column("embedding")
-                    return shard * entry["shard_size"] + row, embedding_matrix(embeddings.slice(row, 1))[0]
+            if len(hits):
+                row = shard * entry["shard_size"] + int(hits[0])
+                return row, self.matrix(part).take(np.array([row]))[0]
         raise ShnetError(f"no {column} {value!r} among the {entry['rows']} encoded {part} of {self.root}")
 
     def remove_stale_temporaries(self) -> None:
         """Delete ``*.tmp-*`` leftovers of an interrupted encode; only call while holding the lock."""
-        for path in self.root.rglob("*.tmp-*"):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+        remove_stale_temporaries(self.root)
 
-    @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
+    def lock(self) -> DirectoryLock:
         """One writer at a time (released by the OS if the process dies)."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".lock", "a+") as fh:
-            try:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise ShnetError(f"{self.root} is being written by another `shnet encode`; wait for it to finish") from None
-            fh.seek(0)
-            fh.truncate()
-            fh.write(f"pid {os.getpid()}\n")
-            fh.flush()
-            yield
+        return DirectoryLock(self.root, "shnet encode")

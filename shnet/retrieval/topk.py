@@ -1,0 +1,150 @@
+"""Exact top-k by inner product over a matrix held in row blocks, and the one ranking rule
+(score descending, ties to the lower row) that exact and approximate search share.
+
+Two passes, so that the answer never depends on how the rows are cut into chunks or on which
+queries share a batch:
+
+1. the screen: every chunk converted to float32 and multiplied by the queries (one matrix product
+   per chunk); per query it keeps the rows whose screened score lies within twice the screen's error
+   bound of its running k-th best (the bound: float32 accumulation over D terms, at most
+   ``2 D 2^-24 |q| max|x|``), so no row of the true top-k is ever dropped;
+2. the few rows kept are scored again from the stored values in float64, each row on its own, and
+   ranked by :func:`rank`.
+
+Imported by both ``search.py`` and ``index.py``, which do not import each other for it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+
+# float32 products with D-term accumulation err by at most D * 2^-24 * sum|q_i x_i| (any summation
+# order, FMA or not); doubled for margin.
+SCREEN_RELATIVE_ERROR = 2 * 2.0**-24
+RESCORE_ROWS = 8192  # candidate rows scored exactly per step (8192 x D float64 at most in memory)
+
+
+@dataclass
+class Chunk:
+    """Consecutive rows of a matrix: ``start`` is the global row of ``embeddings[0]``."""
+
+    start: int
+    embeddings: np.ndarray
+
+
+class Matrix:
+    """Row blocks (arrays or memory-mapped ``.npy`` files) read as one [rows, D] matrix.
+    ``max_norm`` bounds every row's length (the done records keep it; computed when not given)."""
+
+    def __init__(self, blocks: Sequence[np.ndarray], max_norm: float | None = None):
+        self.blocks = list(blocks)
+        self.starts = np.concatenate([[0], np.cumsum([len(b) for b in self.blocks])]).astype(np.int64)
+        self.rows = int(self.starts[-1])
+        self.dimension = int(self.blocks[0].shape[1]) if self.blocks else 0
+        if max_norm is None:
+            max_norm = max((float(np.linalg.norm(np.asarray(b, np.float64), axis=1).max()) for b in self.blocks if len(b)), default=0.0)
+        self.max_norm = float(max_norm)
+
+    def chunks(self, rows: int) -> Iterator[Chunk]:
+        """The rows in order, at most ``rows`` at a time (views: nothing copied)."""
+        rows = max(1, int(rows))
+        for start, block in zip(self.starts, self.blocks):
+            for lo in range(0, len(block), rows):
+                yield Chunk(int(start + lo), block[lo : lo + rows])
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """The given global rows (any order, repeats allowed), in their stored dtype."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) and (rows.min() < 0 or rows.max() >= self.rows):
+            raise IndexError(f"rows outside 0..{self.rows - 1}")
+        dtype = self.blocks[0].dtype if self.blocks else np.float32
+        out = np.empty((len(rows), self.dimension), dtype=dtype)
+        block_of = np.searchsorted(self.starts, rows, side="right") - 1
+        for b in np.unique(block_of):
+            at = np.flatnonzero(block_of == b)
+            local = rows[at] - self.starts[b]
+            order = np.argsort(local, kind="stable")
+            out[at[order]] = self.blocks[b][local[order]]
+        return out
+
+
+def rank(query: np.ndarray, scores: np.ndarray, rows: np.ndarray, queries: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per query, its ``k`` best (score, row) pairs among flat candidates (``query[i]`` names the
+    query of candidate i): score descending, ties broken by the lower row. Returns ([Q, k'] scores,
+    [Q, k'] rows) with k' = min(k, the fewest candidates any query has)."""
+    order = np.lexsort((rows, -scores, query))
+    query, scores, rows = query[order], scores[order], rows[order]
+    counts = np.bincount(query, minlength=queries)
+    width = int(min(k, counts.min())) if queries else 0
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    at = first[:, None] + np.arange(width)[None, :]
+    return scores[at], rows[at]
+
+
+def _group_best(query: np.ndarray, values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` largest values per query (flat in, flat out)."""
+    order = np.lexsort((-values, query))
+    query, values = query[order], values[order]
+    starts = np.searchsorted(query, query, side="left")
+    keep = np.arange(len(query)) - starts < k
+    return query[keep], values[keep]
+
+
+def exact_top_k(queries: np.ndarray, matrix: Matrix, k: int, exclude: np.ndarray | None = None, chunk_rows: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` rows of ``matrix`` with the largest inner product with each query [Q, D], as
+    (scores [Q, k'] float32, global rows [Q, k']) best first, k' = min(k, rows); rows in ``exclude``
+    are never returned. The same answer, bit for bit, whatever ``chunk_rows`` and whichever queries
+    are asked together."""
+    import torch
+
+    q32 = np.ascontiguousarray(queries, dtype=np.float32)
+    n_queries = len(q32)
+    excluded = np.unique(np.asarray(exclude, dtype=np.int64)) if exclude is not None else np.zeros(0, np.int64)
+    margin = 2 * SCREEN_RELATIVE_ERROR * matrix.dimension * np.linalg.norm(q32.astype(np.float64), axis=1) * matrix.max_norm * 1.001
+    kth = np.full(n_queries, -np.inf)
+    best_query, best_value = np.zeros(0, np.int64), np.zeros(0, np.float32)
+    kept_query, kept_row, kept_value = [], [], []
+    buffer = torch.empty((chunk_rows, matrix.dimension), dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch on a read-only memory map: only read here
+        for chunk in matrix.chunks(chunk_rows):
+            size = len(chunk.embeddings)
+            block = buffer[:size]
+            block.copy_(torch.from_numpy(np.asarray(chunk.embeddings)))
+            scores = q32 @ block.numpy().T
+            lo, hi = np.searchsorted(excluded, [chunk.start, chunk.start + size])
+            if hi > lo:
+                scores[:, excluded[lo:hi] - chunk.start] = -np.inf
+            if size > k and not np.isfinite(kth).all():
+                kth = np.maximum(kth, np.partition(scores, size - k, axis=1)[:, size - k])
+            floor = kth - margin
+            mask = scores >= floor[:, None]
+            if not np.isfinite(floor).all():
+                mask &= scores > -np.inf
+            query, column = np.nonzero(mask)
+            values = scores[query, column]
+            kept_query.append(query)
+            kept_row.append(column + chunk.start)
+            kept_value.append(values)
+            best_query, best_value = _group_best(np.concatenate([best_query, query]), np.concatenate([best_value, values]), k)
+            counts = np.bincount(best_query, minlength=n_queries)
+            full = counts >= k
+            if full.any():
+                last = np.searchsorted(best_query, np.arange(n_queries), side="right") - 1
+                kth = np.where(full, best_value[np.maximum(last, 0)], -np.inf)
+    if not kept_query:  # no rows at all
+        return np.zeros((n_queries, 0), np.float32), np.zeros((n_queries, 0), np.int64)
+    query, rows, values = np.concatenate(kept_query), np.concatenate(kept_row), np.concatenate(kept_value)
+    keep = values >= (kth - margin)[query]
+    query, rows = query[keep], rows[keep]
+    exact = np.empty(len(rows), np.float64)
+    q64 = q32.astype(np.float64)
+    for lo in range(0, len(rows), RESCORE_ROWS):
+        part = slice(lo, lo + RESCORE_ROWS)
+        exact[part] = (matrix.take(rows[part]).astype(np.float64) * q64[query[part]]).sum(axis=1)
+    scores, rows = rank(query, exact, rows, n_queries, k)
+    return scores.astype(np.float32), rows
