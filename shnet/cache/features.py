@@ -63,10 +63,10 @@ UNKNOWN_CLASS_ORDER = "unknown"
 def layout_class_order(cache: Cache) -> str:
     """The class order of a cache's layout arrays: as configured, ``coco`` for a layout extracted
     before the option existed, ``unknown`` for an imported ``.npy`` set (its files do not say)."""
-    config = cache.stage_config("layout") or {}
+    config = cache.stage_config(schema.LAYOUT) or {}
     if "class_order" in config:
         return str(config["class_order"])
-    return UNKNOWN_CLASS_ORDER if config.get("source") == "npy-import" else "coco"
+    return UNKNOWN_CLASS_ORDER if schema.is_imported(config) else "coco"
 
 
 class FeatureIndex:

@@ -9,6 +9,7 @@ import h5py
 import numpy as np
 
 from ..errors import CacheError
+from . import schema
 from .store import Cache
 
 
@@ -163,6 +164,7 @@ def _verify_shard(cache: Cache, stage: str, shard: int, image_ids: list) -> list
             recorded = cache.stage_config(stage) or {}
             if config.get("weights_sha256", "") != recorded.get("weights_sha256", ""):
                 problems.append("written with other weights than the cache record names")
+            problems += _schema_problems(cache, stage, shard, h5, recorded)
             for key in h5:
                 data = h5[key]
                 if data.shape[0] != len(image_ids):
@@ -177,3 +179,13 @@ def _verify_shard(cache: Cache, stage: str, shard: int, image_ids: list) -> list
     except OSError as exc:
         problems.append(f"HDF5 file unreadable: {exc}")
     return problems
+
+
+def _schema_problems(cache: Cache, stage: str, shard: int, h5, recorded: dict) -> list[str]:
+    """The shard's per-image array shapes and dtypes against :mod:`shnet.cache.schema`, as one line."""
+    imported = schema.is_imported(recorded)
+    mismatched = schema.check_arrays(stage, {key: (h5[key].shape[1:], h5[key].dtype) for key in h5}, imported)
+    if not mismatched:
+        return []
+    fix = "import the .npy set again into a new cache with `shnet import`" if imported else cache.redo_hint(stage, shard)
+    return [f"arrays not as the schema defines stage '{stage}': {'; '.join(mismatched)}. To fix: {fix}"]

@@ -69,6 +69,9 @@ REGION_CLASS_HIST = "region_class_hist"
 REGION_GEOMETRY = "region_geometry"
 REGION_SALIENCY = "region_saliency"
 
+#: the ``source`` of a stage config written by ``shnet import``: its arrays keep the files' dtypes
+IMPORT_SOURCE = "npy-import"
+
 LAYOUT_INPUTS = (SEG_FEAT, SEG_MAP, CAT_ONEHOT)  # the 3SHNet segmentation inputs of every image
 LAYOUT_REGION_ARRAYS = (REGION_CLASS_HIST, REGION_GEOMETRY, REGION_SALIENCY)  # only when the cache has regions
 
@@ -141,6 +144,11 @@ STAGE_ARRAYS: dict[str, dict[str, ArrayDef]] = {
         ),
     )
 }
+
+
+def is_imported(config: Mapping | None) -> bool:
+    """Whether a stage's recorded config says it was imported from a ``.npy`` set."""
+    return (config or {}).get("source") == IMPORT_SOURCE
 
 
 def specs(stage: str, names: Iterable[str] | None = None, **sizes: int) -> dict[str, ArraySpec]:
