@@ -111,14 +111,14 @@ def regions(args, root: Path, rows: list) -> None:
     """Detector images/s at batch 1 and batched, fp32 and fp16; fp16 vs fp32 boxes and features."""
     from shnet.pipeline.models.butd.checkpoint import build_detector
     from shnet.pipeline.models.butd.extract import SelectionOptions
-    from shnet.pipeline.stages.devices import autocast_for, to_device
+    from shnet.devices import autocast, place_model
 
     size = args.sizes
     options = SelectionOptions("caffe", size.num_boxes, size.num_boxes, 0.2, 0.3, 6000, size.post_nms_topk, 0.7)
     folder = write_image_set(root / "region-images", size.region_images, size=[(480, 640), (427, 640), (640, 480)])
     prepared = prepared_images(folder, size.min_size, size.max_size)
-    model = to_device(build_detector("random", size.depth, False)[0], args.device.type)
-    exact_context, fast_context = contextlib.nullcontext(), autocast_for(args.device.type)
+    model = place_model(build_detector("random", size.depth, False)[0], args.device.type)
+    exact_context, fast_context = contextlib.nullcontext(), autocast(args.device.type, "float16")
     bare_seconds_per_image(model, prepared[:1], options, 1, exact_context)  # warm-up
     results = {}
     for precision, context in (("fp32", exact_context), ("fp16", fast_context)):

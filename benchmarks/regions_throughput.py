@@ -96,7 +96,7 @@ def main() -> None:
 
     from shnet.pipeline.models.butd.checkpoint import build_detector
     from shnet.pipeline.models.butd.extract import SelectionOptions
-    from shnet.pipeline.stages.devices import autocast_for, to_device
+    from shnet.devices import autocast, place_model
 
     cores = len(os.sched_getaffinity(0))
     torch.set_num_threads(cores)
@@ -104,7 +104,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_image_set(Path(tmp) / "images", args.images, size=sizes)
         prepared = prepared_images(folder, args.min_size, args.max_size)
-        model = to_device(build_detector("random", args.depth, False)[0], args.device)
+        model = place_model(build_detector("random", args.depth, False)[0], args.device)
         bare_seconds_per_image(model, prepared[:1], options, 1, contextlib.nullcontext())  # warm-up
         bare, exact = bare_seconds_per_image(model, prepared, options, args.batch_size, contextlib.nullcontext())
         piped, in_stage = pipeline_seconds_per_image(folder, Path(tmp) / "cache0", args, len(prepared))
@@ -117,7 +117,7 @@ def main() -> None:
               f"num_boxes={args.num_boxes} batch={args.batch_size} device={args.device} threads={cores}")
         print(f"bare_s_per_img={bare:.3f}  (detector forward + selection, fp32, best of {args.repeats})")
         if args.device == "cuda":
-            mixed, fast = bare_seconds_per_image(model, prepared, options, args.batch_size, autocast_for("cuda"))
+            mixed, fast = bare_seconds_per_image(model, prepared, options, args.batch_size, autocast("cuda", "float16"))
             same = [a.boxes.shape == b.boxes.shape and np.allclose(a.boxes, b.boxes, atol=0.5) for a, b in zip(exact, fast)]
             deviation = max(float(np.abs(a.features - b.features).max()) for a, b in zip(exact, fast) if a.features.shape == b.features.shape)
             print(f"bare_autocast_s_per_img={mixed:.3f}")

@@ -21,7 +21,7 @@ import torch
 from shnet.cache.captions import CaptionSet
 from shnet.cache.features import FeatureIndex
 from shnet.trainer.data import TrainPairs, train_loader
-from shnet.trainer.device import autocast
+from shnet.devices import autocast
 from shnet.trainer.loss import HingeTripletLoss
 from shnet.trainer.model import ModelConfig, build_model
 from shnet.trainer.synthetic import write_concept_cache
@@ -76,7 +76,7 @@ def model_samples_per_second(model, batch, device, steps: int) -> float:
     tokens = batch["tokens"].to(device)
 
     def step():
-        with autocast(device):
+        with autocast(device, "bfloat16"):
             a, b = model(images, tokens, batch["token_lengths"])
         loss = loss_fn(a.float(), b.float(), True)
         optimizer.zero_grad(set_to_none=True)
@@ -153,7 +153,7 @@ def fed_training(model, loader, device, steps: int) -> tuple[float, float]:
             continue
         got_batch = time.perf_counter()
         images = {k: v.to(device, non_blocking=True) for k, v in batch["images"].items()}
-        with autocast(device):
+        with autocast(device, "bfloat16"):
             a, b = model(images, batch["tokens"].to(device), batch["token_lengths"])
         loss = loss_fn(a.float(), b.float(), True)
         optimizer.zero_grad(set_to_none=True)

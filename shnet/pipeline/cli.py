@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import click
 
+from ..devices import DEVICE_HELP, DEVICE_METAVAR, device_option_callback
 from ..errors import ShnetError
 
 
@@ -18,10 +19,10 @@ def _csv(_ctx, _param, value):
 @click.option("--stages", callback=_csv, help="Comma-separated stages (default: those in the profile); needed stages are added.")
 @click.option("--profile", default="default", show_default=True, help="A shipped profile name or a YAML file.")
 @click.option("--set", "overrides", multiple=True, metavar="STAGE.KEY=VALUE", help="Override a stage option, e.g. grid.weights=/path/resnet152.pth.")
-@click.option("--workers", type=click.IntRange(min=1), help="Worker processes of the embedded cluster (default: min(cores, 4); GPUs with --device cuda).")
+@click.option("--workers", type=click.IntRange(min=1), help="Worker processes of the embedded cluster (default: min(cores, 4); the GPU count on CUDA).")
 @click.option("--threads-per-worker", default=1, show_default=True, type=click.IntRange(min=1), help="Concurrent tasks per worker.")
 @click.option("--scheduler", metavar="ADDRESS|in-process", help="Run the tasks on an existing Dask cluster (tcp://host:8786) instead of the embedded one; or `in-process`: one after another in this process, no cluster (small image sets, debugging).")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--device", default="cpu", show_default=True, metavar=DEVICE_METAVAR, callback=device_option_callback, help=f"{DEVICE_HELP}; cuda: one GPU per worker process, fp16 autocast; cuda:N is refused (run with CUDA_VISIBLE_DEVICES=N and --device cuda).")
 @click.option("--shard-size", type=click.IntRange(min=1), help="Images per shard (default 1000; fixed when the cache is created).")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1), help="Images per model call (the regions detector takes them one at a time).")
 @click.option("--sample", is_flag=True, help="Extract the small sample image set bundled with shnet.")

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pandas as pd
 
+from ..devices import extract_device
 from ..errors import CacheError, ShnetError
 from ..fileio import writable_destination
 from .images import checked_roots, discover_images
@@ -104,8 +105,6 @@ def check_request(request: ExtractRequest) -> None:
             raise ShnetError(f"{flag} must be at least 1 (got {value})")
     if request.scheduler == IN_PROCESS and request.workers is not None:
         raise ShnetError(f"--workers sets the embedded cluster's size; --scheduler {IN_PROCESS} runs every task in this process (drop one of them)")
-    if request.device not in ("cpu", "cuda"):
-        raise ShnetError(f"--device must be cpu or cuda (got {request.device!r})")
     writable_destination(request.cache, "the cache")
 
 
@@ -178,6 +177,7 @@ def run_extract(request: ExtractRequest, display=None) -> ExtractReport:
     display = display or ExtractDisplay()
     started = time.perf_counter()
     check_request(request)
+    request = replace(request, device=extract_device(request.device, local=request.scheduler in (None, IN_PROCESS)))
     checked_roots(request.image_dirs)
     stages, configs = resolve_configs(request)
     images = discover_images(request.image_dirs)

@@ -8,6 +8,7 @@ import dataclasses
 import click
 from click.core import ParameterSource
 
+from ..devices import DEVICE_HELP, DEVICE_METAVAR, device_option_callback
 from ..errors import ShnetError
 from ..fileio import terminal_safe
 from .metrics import PROTOCOLS
@@ -79,7 +80,7 @@ def _log(message: str) -> None:
 @click.option("--seed", type=int, default=_DEFAULTS["seed"], show_default=True)
 @click.option("--workers", type=int, default=_DEFAULTS["workers"], show_default=True, help="DataLoader worker processes.")
 @click.option("--in-memory", is_flag=True, help="Hold the training and validation features in RAM (fp16) instead of reading HDF5.")
-@click.option("--device", default=_DEFAULTS["device"], show_default=True, help="auto, cpu, cuda or cuda:N (bf16 autocast on CUDA).")
+@click.option("--device", default=_DEFAULTS["device"], show_default=True, metavar=DEVICE_METAVAR, callback=device_option_callback, help=f"{DEVICE_HELP} (bf16 autocast on CUDA).")
 @click.option("--progress/--no-progress", default=_DEFAULTS["progress"], show_default=True, help="Show a progress bar per epoch.")
 @click.pass_context
 def train_command(ctx: click.Context, resume: bool, **params) -> None:
@@ -122,7 +123,7 @@ def train_command(ctx: click.Context, resume: bool, **params) -> None:
 @click.option("--bert-path", type=click.Path(file_okay=False), help="Local bert-base-uncased folder (needed by reference checkpoints).")
 @click.option("--batch-size", type=int, default=128, show_default=True)
 @click.option("--workers", type=int, default=2, show_default=True)
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, metavar=DEVICE_METAVAR, callback=device_option_callback, help=DEVICE_HELP + ".")
 @click.option("--save-sims", type=click.Path(dir_okay=False), help="Save the (mean) similarity matrix as .npy.")
 @click.option(
     "--sims-layout",

@@ -17,11 +17,11 @@ import numpy as np
 import torch
 
 from ..cache.captions import CaptionSet, read_captions, select_split, stored_captions
+from ..devices import resolve_device
 from ..errors import ShnetError
 from ..fileio import atomic_open
 from .checkpoint import LoadedModel, load_model
 from .data import FeatureIndex, FeatureReader, caption_loader, image_loader, match_split
-from .device import resolve_device
 from .metrics import CAPTIONS_PER_IMAGE, protocol_metrics
 from .run import resolve_checkpoint
 from .similarity_files import read_similarities, write_published

@@ -20,13 +20,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..devices import autocast, resolve_device
 from ..errors import ShnetError
 from ..fileio import atomic_copy, atomic_path, atomic_write_json
 from ..cache.captions import CaptionSet, captions_source, read_captions, select_split
 from .checkpoint import load_model, save_checkpoint
 from . import distributed
 from .data import FeatureIndex, FeatureReader, TrainPairs, match_split, train_loader
-from .device import autocast, resolve_device
 from .distributed import gather_rows
 from .evaluate import encode_split, similarity_matrix
 from .loss import HingeTripletLoss
@@ -146,7 +146,7 @@ def train_one_epoch(model, loader, optimizer, loss_fn, hardest: bool, options: T
     for batch in bar:
         images = {k: v.to(device, non_blocking=True) for k, v in batch["images"].items()}
         tokens = batch["tokens"].to(device, non_blocking=True)
-        with autocast(device):
+        with autocast(device, "bfloat16"):
             image_embeddings, text_embeddings = model(images, tokens, batch["token_lengths"])
         loss = loss_fn(gather_rows(image_embeddings.float()), gather_rows(text_embeddings.float()), hardest)
         optimizer.zero_grad(set_to_none=True)

@@ -13,7 +13,7 @@ from ...checkpoints import weights_identity
 from ...errors import ShnetError
 from ...cache import schema
 from .base import ImageStage, StageOutput
-from .devices import autocast_for, to_device
+from ...devices import autocast, place_model
 
 
 class GridStage(ImageStage):
@@ -41,7 +41,7 @@ class GridStage(ImageStage):
     def load(self, config, device):
         from ..models.grid import build_grid_backbone
 
-        return to_device(build_grid_backbone(config["model"], config["weights"]), device)
+        return place_model(build_grid_backbone(config["model"], config["weights"]), device)
 
     def outputs(self, config, model):
         return schema.specs(schema.GRID, G=config["input_size"] // model.stride, C=model.channels)
@@ -60,7 +60,7 @@ class GridStage(ImageStage):
     def infer(self, model, prepared, config, device):
         images = torch.from_numpy(np.stack([p[0] for p in prepared]))
         valid = np.asarray([p[1] for p in prepared], dtype=np.int16)
-        with torch.inference_mode(), autocast_for(device):
+        with torch.inference_mode(), autocast(device, "float16"):
             features = model(images.to(device, non_blocking=True))
         grid = features.permute(0, 2, 3, 1).to(torch.float16).cpu().numpy()
         return StageOutput(arrays={schema.GRID_FEATURES: grid, schema.VALID_HW: valid})

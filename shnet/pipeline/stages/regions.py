@@ -17,7 +17,7 @@ from ...checkpoints import file_sha256, weights_identity
 from ...errors import ShnetError
 from ...cache import schema
 from .base import ImageStage, StageOutput
-from .devices import autocast_for, to_device
+from ...devices import autocast, place_model
 
 BACKENDS = ("native", "detectron2")
 SELECTIONS = ("caffe", "d2")
@@ -106,7 +106,7 @@ class RegionsStage(ImageStage):
             model, report = _detectron2_detector(config, device), None
         else:
             model, report = build_detector(config["weights"], config["depth"], config["allow_missing_keys"], CONVENTIONS[config["selection"]])
-            model = to_device(model, device)
+            model = place_model(model, device)
         given = None
         if config["boxes"]:
             from ..given_boxes import read_given_boxes
@@ -190,7 +190,7 @@ class RegionsStage(ImageStage):
     def infer(self, model, prepared, config, device):
         from ..models.butd.extract import extract_regions
 
-        regions = extract_regions(model.detector, prepared, model.options, autocast_for(device))
+        regions = extract_regions(model.detector, prepared, model.options, autocast(device, "float16"))
         k, n = config["slots"], len(prepared)
         arrays = {name: np.full((n,) + spec.shape, spec.fill, spec.dtype) for name, spec in self.outputs(config, model).items()}
         arrays[schema.IMAGE_HW][:] = [p.original_hw for p in prepared]

@@ -13,7 +13,7 @@ from ...checkpoints import weights_identity
 from ...errors import ShnetError
 from ...cache import schema
 from .base import ImageStage, StageOutput
-from .devices import autocast_for, to_device
+from ...devices import autocast, place_model
 
 BACKENDS = ("spectral_residual", "msinet")
 
@@ -47,7 +47,7 @@ class SaliencyStage(ImageStage):
         if config["backend"] == "msinet":
             from ..models.msinet import load_msinet
 
-            return to_device(load_msinet(config["weights"]), device)
+            return place_model(load_msinet(config["weights"]), device)
         return None
 
     def outputs(self, config, model):
@@ -77,7 +77,7 @@ class SaliencyStage(ImageStage):
             from ..models.msinet import restore_map
 
             batch = torch.from_numpy(np.stack([pixels for pixels, _ in prepared])).to(device)
-            with torch.inference_mode(), autocast_for(device):
+            with torch.inference_mode(), autocast(device, "float16"):
                 out = model(batch).float()[:, 0].clamp(0, 1).cpu().numpy()
             maps = np.stack([restore_map(out[i], box, (r, r)) for i, (_, box) in enumerate(prepared)])
         return StageOutput(arrays={schema.SALIENCY_MAP: maps.astype(np.float16)})
