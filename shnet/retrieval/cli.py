@@ -7,7 +7,6 @@ import json
 import click
 
 from ..devices import DEVICE_HELP, DEVICE_METAVAR, device_option_callback
-from ..devices import DEVICE_HELP, DEVICE_METAVAR, device_option_callback
 from ..errors import ShnetError
 from ..fileio import terminal_safe, writable_destination
 from .store import DTYPES

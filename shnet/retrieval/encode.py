@@ -24,7 +24,6 @@ from ..cache import Cache
 from ..cache.store import image_list_digest
 from ..checkpoints import file_sha256
 from ..devices import resolve_device
-from ..devices import resolve_device
 from ..errors import ShnetError
 from ..cache.captions import CaptionSet, match_images, read_captions, stored_captions
 from ..trainer.checkpoint import LoadedModel, load_model
