@@ -11,6 +11,7 @@ failure turns into a message naming what to install.
 from __future__ import annotations
 
 import ast
+import functools
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -27,10 +28,15 @@ PACKAGE_ROOT = Path(shnet.__file__).parent
 OPTIONAL_MODULES = {"faiss": "faiss", "detectron2": None}
 
 
+@functools.cache
+def parsed_sources() -> tuple[tuple[Path, ast.Module], ...]:
+    """Every module of the package, parsed once for all the tests."""
+    return tuple((path, ast.parse(path.read_text(encoding="utf-8"), str(path))) for path in sorted(PACKAGE_ROOT.rglob("*.py")))
+
+
 def imported_top_level_modules() -> dict[str, set[str]]:
     found: dict[str, set[str]] = {}
-    for path in PACKAGE_ROOT.rglob("*.py"):
-        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    for path, tree in parsed_sources():
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]
@@ -67,8 +73,14 @@ def declared_distributions(extra: str | None = None) -> set[str]:
     return wanted
 
 
+@functools.cache
+def installed_modules() -> dict[str, list[str]]:
+    """Top-level module -> the installed distributions that provide it (one scan of site-packages)."""
+    return metadata.packages_distributions()
+
+
 def providers(module: str) -> set[str]:
-    return {canonicalize_name(d) for d in metadata.packages_distributions().get(module, [])}
+    return {canonicalize_name(d) for d in installed_modules().get(module, [])}
 
 
 def test_walker_sees_lazy_imports_and_skips_the_standard_library():
@@ -101,8 +113,7 @@ def test_optional_modules_are_extras(module, extra):
 def test_optional_imports_are_guarded():
     """An optional module is imported only inside a function (where its absence becomes a message),
     never at module level, so a missing one never breaks a command that does not need it."""
-    for path in PACKAGE_ROOT.rglob("*.py"):
-        tree = ast.parse(path.read_text(encoding="utf-8"))
+    for path, tree in parsed_sources():
         for node in tree.body:
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
             for name in names:
