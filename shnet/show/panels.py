@@ -20,6 +20,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Patch, Rectangle  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
+from ..cache.schema import VOID  # noqa: E402
 from .view import ImageView, category_names  # noqa: E402
 
 DPI = 100
@@ -27,7 +28,6 @@ SIDE = 640
 BOX_WIDTH_PX = 2.0
 LEGEND_WIDTH_PX = 230
 LEGEND_ROWS = 24
-VOID = 255
 BOX_COLOURS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45", "#fabed4", "#469990", "#dcbeff", "#9a6324", "#800000", "#aaffc3", "#808000", "#000075")
 TITLE_HEIGHT = 26
 GAP = 8

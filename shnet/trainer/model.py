@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..cache.schema import NUM_CLASSES, REGION_FEATURE_DIM
+from ..cache.schema import LAYOUT_INPUTS, NUM_CLASSES, REGION_FEATURE_DIM
 from ..errors import ShnetError
 from .image_encoder import ImageEncoder
 from .options import LEVELS, SEG_MAP_MODES, TEXT_ENCODERS
@@ -20,7 +20,7 @@ from .text_encoders import (
     build_bert,
 )
 
-IMAGE_INPUTS = ("regions", "lengths", "seg_map", "cat_onehot", "seg_feat")
+IMAGE_INPUTS = ("regions", "lengths", *LAYOUT_INPUTS)  # the batch collate_images makes
 
 
 @dataclass
