@@ -16,7 +16,8 @@ import torch
 
 from ..errors import ShnetError
 from ..trainer.checkpoint import load_model
-from ..trainer.data import FeatureIndex, collate_images
+from ..cache.features import FeatureIndex
+from ..trainer.data import collate_images
 from ..trainer.run import resolve_checkpoint
 
 

@@ -21,7 +21,8 @@ from ..devices import resolve_device
 from ..errors import ShnetError
 from ..fileio import atomic_open
 from .checkpoint import LoadedModel, load_model
-from .data import FeatureIndex, FeatureReader, caption_loader, image_loader, match_split
+from ..cache.features import FeatureIndex, FeatureReader
+from .data import caption_loader, image_loader, match_split
 from .metrics import CAPTIONS_PER_IMAGE, protocol_metrics
 from .run import resolve_checkpoint
 from .similarity_files import read_similarities, write_published

@@ -26,7 +26,8 @@ from ..fileio import atomic_copy, atomic_path, atomic_write_json
 from ..cache.captions import CaptionSet, captions_source, read_captions, select_split
 from .checkpoint import load_model, save_checkpoint
 from . import distributed
-from .data import FeatureIndex, FeatureReader, TrainPairs, match_split, train_loader
+from ..cache.features import FeatureIndex, FeatureReader
+from .data import TrainPairs, match_split, train_loader
 from .distributed import gather_rows
 from .evaluate import encode_split, similarity_matrix
 from .loss import HingeTripletLoss
