@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..cache.captions import match_images, read_cache_captions, read_captions, select_split
+from ..cache.captions import CAPTIONS_TABLE, match_images, read_cache_captions, read_captions, select_split
 from ..cache.rows import ShardRows
 from ..cache.schema import FEATURES, NUM_BOXES, REGIONS
 from ..cache.store import Cache
@@ -84,7 +84,7 @@ def imported_split(cache: Cache, split: str) -> ExportRequest:
         rows = table[table["split"] == split]
         captions = rows["caption"].astype(str).tolist()
         if rows["image_id"].astype(str).tolist() != list(np.repeat(image_ids, record["captions_per_image"])):
-            raise ShnetError(f"{cache.root}/captions.parquet no longer matches split '{split}' of the import; re-import the set")
+            raise ShnetError(f"{cache.root}/{CAPTIONS_TABLE} no longer matches split '{split}' of the import; re-import the set")
     request = ExportRequest(
         split,
         image_ids,

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from ..cache.captions import CAPTION_COLUMNS, write_cache_captions
-from ..cache.schema import FEATURES, NUM_BOXES, REGIONS
+from ..cache.schema import FEATURES, IMPORT_SOURCE, NUM_BOXES, REGIONS
 from ..cache.store import create_cache
 from ..cache.streaming import write_stage_chunks
 from ..errors import ShnetError
@@ -167,7 +167,7 @@ def import_sets(
         stages = []
         for stage in dict.fromkeys(KINDS[name].stage for name in kinds):
             stage_kinds = [KINDS[name] for name in kinds if KINDS[name].stage == stage]
-            config = {"source": "npy-import", "folder": str(folder), "files": [k.name for k in stage_kinds]}
+            config = {"source": IMPORT_SOURCE, "folder": str(folder), "files": [k.name for k in stage_kinds]}
             columns = (NUM_BOXES,) if stage == REGIONS else ()
             label = f"{stage} ({', '.join(k.name for k in stage_kinds)})"
             with (progress or _no_progress)(label, len(image_ids)) as bar:
