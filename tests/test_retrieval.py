@@ -247,3 +247,123 @@ def test_a_run_is_refused_on_layout_arrays_of_another_class_order(trained, tmp_p
         encode(EncodeRequest(str(trained / "run"), [str(tmp_path / "cache")], str(tmp_path / "emb")), log=lambda m: None)
     result = CliRunner().invoke(main, ["evaluate", str(trained / "run"), "--cache", str(tmp_path / "cache"), "--split", "val"])
     assert result.exit_code == 1 and "class order 'coco'" in result.output
+
+
+# --- the store's matrices, exact top-k, the import graph ------------------------------------------------
+
+
+def test_each_shard_has_its_matrix_and_search_reads_it(store):
+    store_ = EmbeddingStore(store)
+    frame = pd.read_parquet(store / "images")
+    for shard in range(5):
+        npy = store / "matrices" / "images" / f"{shard:05d}.npy"
+        matrix = np.load(npy, allow_pickle=False)
+        assert matrix.dtype == np.dtype("<f4") and matrix.shape == (10 if shard < 4 else 8, 32)
+        np.testing.assert_array_equal(matrix, np.stack(frame["embedding"].iloc[shard * 10 : shard * 10 + len(matrix)]))
+        done = json.loads((store / "done" / "images" / f"{shard:05d}.done").read_text())
+        assert set(done["files"]) == {f"{shard:05d}.npy", f"{shard:05d}.parquet"} and done["rows"] == len(matrix)
+    assert all(isinstance(block, np.memmap) for block in store_.matrix("images").blocks)
+    assert store_.matrix("captions").rows == 240
+
+
+def test_a_damaged_matrix_is_named_by_search_and_redone_by_encode(store, trained, tmp_path):
+    import shutil
+
+    emb = tmp_path / "emb"
+    shutil.copytree(store, emb)
+    npy = emb / "matrices" / "images" / "00002.npy"
+    npy.write_bytes(npy.read_bytes()[:-7])
+    result = CliRunner().invoke(main, ["search", str(emb), "a dog"])
+    assert result.exit_code == 1 and str(npy) in result.output and "re-run the same `shnet encode`" in result.output
+    header = bytearray((emb / "matrices" / "images" / "00003.npy").read_bytes())
+    (emb / "matrices" / "images" / "00003.npy").write_bytes(bytes(header).replace(b"<f4", b"<i4"))  # same size, other dtype
+    assert EmbeddingStore(emb).shard_problem("images", 3).endswith("re-run the same `shnet encode` command to redo it")
+    report = encode(EncodeRequest(str(trained / "run"), [str(trained / "cache")], str(emb), str(trained / "captions.csv"), shard_size=10), log=lambda m: None)
+    assert report.encoded == {"images": 20, "captions": 0}
+    np.testing.assert_array_equal(np.load(npy), np.load(store / "matrices" / "images" / "00002.npy"))
+
+
+def test_a_store_of_the_old_format_is_refused_with_the_re_encode_command(store, trained, tmp_path):
+    import shutil
+
+    emb = tmp_path / "old"
+    shutil.copytree(store, emb)
+    record = json.loads((emb / "embeddings.json").read_text())
+    (emb / "embeddings.json").write_text(json.dumps({**record, "format_version": 1}))
+    result = CliRunner().invoke(main, ["search", str(emb), "a dog"])
+    assert result.exit_code == 1 and "older shnet (format 1" in result.output and "re-encode it: `shnet encode RUN" in result.output
+    with pytest.raises(ShnetError, match="re-encode it"):
+        encode(EncodeRequest(str(trained / "run"), [str(trained / "cache")], str(emb), shard_size=10), log=lambda m: None)
+
+
+def _tied_matrix(rng) -> np.ndarray:
+    """fp16 rows with many exact duplicates (ties at every rank) around a few directions."""
+    base = rng.standard_normal((40, 24)).astype(np.float32)
+    rows = base[rng.integers(0, 40, 300)] + 0.2 * rng.standard_normal((300, 24)).astype(np.float32)
+    rows[::3] = rows[1::3][: len(rows[::3])]
+    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float16)
+
+
+def _reference(queries, matrix, k, exclude=()):
+    """Full sort in float64: score descending, ties to the lower row."""
+    scores = queries.astype(np.float64) @ matrix.astype(np.float64).T
+    out = []
+    for query in scores:
+        rows = [r for r in np.lexsort((np.arange(len(query)), -query)) if r not in set(exclude)][:k]
+        out.append(rows)
+    return np.array(out)
+
+
+def test_exact_top_k_is_the_full_sort_whatever_the_chunks_and_the_batch():
+    rng = np.random.default_rng(3)
+    matrix = _tied_matrix(rng)
+    queries = np.concatenate([matrix[:5].astype(np.float32), rng.standard_normal((6, 24)).astype(np.float32)])
+    blocks = Matrix([matrix[:130], matrix[130:131], matrix[131:]])
+    scores, rows = exact_top_k(queries, blocks, 12, chunk_rows=len(matrix))
+    assert (rows == _reference(queries, matrix, 12)).all()
+    for chunk_rows in (1, 7, 64):
+        other_scores, other_rows = exact_top_k(queries, blocks, 12, chunk_rows=chunk_rows)
+        assert (other_rows == rows).all() and (other_scores == scores).all()
+    for i in range(len(queries)):  # one query alone: the same bits as in the batch
+        alone_scores, alone_rows = exact_top_k(queries[i : i + 1], blocks, 12, chunk_rows=5)
+        assert (alone_rows[0] == rows[i]).all() and (alone_scores[0] == scores[i]).all()
+    excluded = np.array([0, 1, 2, 150, 299])
+    _, kept = exact_top_k(queries, blocks, 12, exclude=excluded, chunk_rows=9)
+    assert (kept == _reference(queries, matrix, 12, excluded)).all()
+    _, everything = exact_top_k(queries[:2], Matrix([matrix[:4]]), 10)
+    assert everything.shape == (2, 4)
+
+
+def test_rank_matches_a_full_sort_with_ties_to_the_lower_row():
+    rng = np.random.default_rng(0)
+    query = rng.integers(0, 4, 500)
+    scores = rng.integers(0, 6, 500).astype(np.float64)  # many ties
+    rows = rng.permutation(500)
+    top_scores, top_rows = rank(query, scores, rows, 4, 7)
+    for q in range(4):
+        mine = np.flatnonzero(query == q)
+        order = sorted(mine, key=lambda i: (-scores[i], rows[i]))[:7]
+        assert list(top_rows[q]) == [rows[i] for i in order] and list(top_scores[q]) == [scores[i] for i in order]
+
+
+def test_the_retrieval_modules_import_no_circle():
+    """Every import between shnet/retrieval modules, lazy ones included: the graph has no cycle."""
+    import ast
+    from pathlib import Path
+
+    import shnet.retrieval
+
+    folder = Path(shnet.retrieval.__file__).parent
+    graph = {
+        path.stem: {node.module.split(".")[0] for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module}
+        for path in folder.glob("*.py")
+    }
+    assert "search" not in graph["index"] and not graph["topk"] & {"index", "search"}
+
+    def visit(module, path):
+        assert module not in path, " -> ".join([*path, module])
+        for imported in graph.get(module, ()):
+            visit(imported, [*path, module])
+
+    for module in graph:
+        visit(module, [])
