@@ -109,7 +109,7 @@ def embedding_agreement(model, loader, device: torch.device, name: str) -> tuple
 
 def regions(args, root: Path, rows: list) -> None:
     """Detector images/s at batch 1 and batched, fp32 and fp16; fp16 vs fp32 boxes and features."""
-    from shnet.pipeline.models.butd.checkpoint import build_detector
+    from shnet.pipeline.models.butd.weights import build_detector
     from shnet.pipeline.models.butd.extract import SelectionOptions
     from shnet.devices import autocast, place_model
 

@@ -94,7 +94,7 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from shnet.pipeline.models.butd.checkpoint import build_detector
+    from shnet.pipeline.models.butd.weights import build_detector
     from shnet.pipeline.models.butd.extract import SelectionOptions
     from shnet.devices import autocast, place_model
 

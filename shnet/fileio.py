@@ -85,6 +85,26 @@ def file_sha256(path) -> str:
     return digest.hexdigest()
 
 
+_CONTENT_SHA256: dict[tuple[str, int, int], str] = {}
+
+
+def content_sha256(path) -> str:
+    """sha256 of a file, or of every file of a folder in name order (what identifies weights, a
+    model folder or a boxes file in a config); memoised per (path, newest mtime, total size)."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    stats = [f.stat() for f in files]
+    key = (str(path), max((s.st_mtime_ns for s in stats), default=0), sum(s.st_size for s in stats))
+    if key not in _CONTENT_SHA256:
+        digest = hashlib.sha256()
+        for f in files:
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(HASH_BLOCK), b""):
+                    digest.update(block)
+        _CONTENT_SHA256[key] = digest.hexdigest()
+    return _CONTENT_SHA256[key]
+
+
 def has_control_characters(text: str) -> bool:
     return bool(_CONTROL.search(text))
 

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from shnet.checkpoints import file_sha256
+from shnet.fileio import file_sha256
 from shnet.cli import main
 from shnet.cache import Cache, CacheLock
 

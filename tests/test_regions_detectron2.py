@@ -32,7 +32,7 @@ def test_backend_without_detectron2_is_refused_with_one_message(photo_dir, tmp_p
 
 def test_detectron2_backend_matches_the_native_detector(tmp_path, single_torch_thread):
     pytest.importorskip("detectron2")
-    from shnet.pipeline.models.butd.checkpoint import build_detector
+    from shnet.pipeline.models.butd.weights import build_detector
     from shnet.pipeline.models.butd.detectron2_backend import Detectron2Detector
 
     torch.manual_seed(5)

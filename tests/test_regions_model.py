@@ -21,7 +21,7 @@ import shnet.pipeline.models  # noqa: F401 - registers the torchvision CPU opera
 from shnet.errors import CheckpointMismatchError, ShnetError
 from shnet.pipeline.models.butd import box_coder
 from shnet.pipeline.models.butd.anchors import cell_anchors, grid_anchors
-from shnet.pipeline.models.butd.checkpoint import build_detector, check_detector_weights, detector_for_state, load_state, normalise_names
+from shnet.pipeline.models.butd.weights import build_detector, check_detector_weights, detector_for_state, load_state, normalise_names
 from shnet.pipeline.models.butd.conventions import CAFFE, D2
 from shnet.pipeline.models.butd.detector import BUTDDetector
 from shnet.pipeline.models.butd.extract import SelectionOptions, extract_regions

@@ -22,7 +22,7 @@ import torch
 from .. import __version__
 from ..cache import Cache
 from ..cache.store import image_list_digest
-from ..checkpoints import file_sha256
+from ..fileio import file_sha256
 from ..devices import resolve_device
 from ..errors import ShnetError
 from ..cache.captions import CaptionSet, match_images, read_captions, stored_captions

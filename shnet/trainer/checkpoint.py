@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..checkpoints import load_state_strict, load_weights_file, strip_prefix
+from ..weights import load_state_strict, load_weights_file, strip_prefix
 from ..cache.schema import NUM_CLASSES
 from ..errors import CheckpointMismatchError, ShnetError
 from ..fileio import atomic_open

@@ -22,9 +22,8 @@ import torch
 import torchvision
 from torch import nn
 
-from ...checkpoints import mismatch_report
 from ...errors import CheckpointMismatchError, ShnetError
-from .state_dicts import read_state_dict
+from ...weights import mismatch_report, read_state_dict
 
 TORCHVISION_ARCHITECTURES = (
     "resnet18",

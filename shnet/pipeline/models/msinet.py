@@ -46,9 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...checkpoints import load_state_strict, mismatch_report
 from ...errors import CheckpointMismatchError, ShnetError
-from .state_dicts import read_state_dict
+from ...weights import load_state_strict, mismatch_report, read_state_dict
 
 INPUT_SIZE = (240, 320)
 PAD_VALUE = 126.0

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ...checkpoints import load_weights_file, mismatch_report, to_tensor_dict
+from ...weights import load_weights_file, mismatch_report, to_tensor_dict
 from ...data import coco_panoptic_categories
 from ...errors import ShnetError
 from ...cache.schema import NUM_CLASSES, SEG_CELLS, VOID

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ...checkpoints import weights_identity
+from ...weights import weights_identity
 from ...errors import ShnetError
 from ...cache import schema
 from .base import ImageStage, StageOutput

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ...checkpoints import weights_identity
+from ...weights import weights_identity
 from ...cache import schema
 from ...cache.schema import SEG_MAP_SIZE, VOID
 from ...errors import ShnetError

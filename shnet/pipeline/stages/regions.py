@@ -13,7 +13,8 @@ import warnings
 
 import numpy as np
 
-from ...checkpoints import file_sha256, weights_identity
+from ...fileio import content_sha256
+from ...weights import weights_identity
 from ...errors import ShnetError
 from ...cache import schema
 from .base import ImageStage, StageOutput
@@ -70,7 +71,7 @@ class RegionsStage(ImageStage):
         config["min_boxes"], config["max_boxes"] = _box_counts(config)
         _require(isinstance(config["allow_missing_keys"], bool), f"regions.allow_missing_keys must be true or false (got {config['allow_missing_keys']!r})")
         config["weights_sha256"] = weights_identity(config["weights"])
-        config["boxes_sha256"] = file_sha256(config["boxes"]) if config["boxes"] else ""
+        config["boxes_sha256"] = content_sha256(config["boxes"]) if config["boxes"] else ""
         config["slots"] = self._given_slots(config) if config["boxes"] else config["max_boxes"]
         config["numerics"] = NUMERICS
         return config
@@ -84,7 +85,7 @@ class RegionsStage(ImageStage):
         return max(counts)
 
     def check(self, config):
-        from ..models.butd.checkpoint import check_detector_weights
+        from ..models.butd.weights import check_detector_weights
 
         if config["backend"] == "detectron2":
             _import_detectron2()
@@ -98,7 +99,7 @@ class RegionsStage(ImageStage):
             warnings.warn(f"regions: {line}", stacklevel=2)
 
     def load(self, config, device):
-        from ..models.butd.checkpoint import build_detector
+        from ..models.butd.weights import build_detector
         from ..models.butd.conventions import CONVENTIONS
         from ..models.butd.extract import SelectionOptions
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ....errors import ShnetError
 from . import box_coder
-from .checkpoint import RANDOM_WEIGHTS, read_detector_state
+from .weights import RANDOM_WEIGHTS, read_detector_state
 from .conventions import D2, NUM_ATTRIBUTES, NUM_OBJECTS
 from .detector import BoxPredictions
 from .preprocess import PIXEL_MEANS_BGR, PreparedImage

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .backbone import ResNetC4, visual_genome_res5
-from .checkpoint import read_detector_state
+from .weights import read_detector_state
 from .preprocess import PIXEL_MEANS_BGR
 
 TRUNK_PREFIXES = ("backbone.", "roi_heads.res5.")

@@ -2,12 +2,16 @@
 
 Supported: ``.pth``/``.pt``/``.bin``/``.ckpt`` (torch weights-only unpickling), ``.safetensors``,
 detectron2-style ``.pkl`` (a restricted unpickler that admits numpy arrays and plain containers
-only), and Hugging Face model folders (``model.safetensors`` or ``pytorch_model.bin``).
+only), and Hugging Face model folders (``model.safetensors`` or ``pytorch_model.bin``). A file's
+wrapper (``{"state_dict": ...}``, ``{"model": ...}``, a ``module.`` prefix) is taken off by
+:func:`read_state_dict`; :func:`load_state_strict` loads a model requiring every name used and every
+shape equal, naming each mismatch. What a network calls its parameters stays with the network (the
+detector's two namings: :mod:`shnet.pipeline.models.butd.weights`); a shnet training run's own
+checkpoint format is :mod:`shnet.trainer.checkpoint`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import pickle
 import pickletools
@@ -20,8 +24,10 @@ import numpy as np
 import torch
 
 from .errors import CheckpointMismatchError, ShnetError
+from .fileio import content_sha256
 
-_SHA_CACHE: dict[tuple[str, float, int], str] = {}
+_WRAPPER_KEYS = ("state_dict", "model")
+_WRAPPER_PREFIXES = ("module.", "model.")
 
 
 def regular_file(path: Path) -> Path:
@@ -35,22 +41,6 @@ def regular_file(path: Path) -> Path:
     return path
 
 
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file (of every file, sorted by name, for a folder); memoised per (path, mtime, size)."""
-    path = Path(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [regular_file(path)]
-    stat = [(str(f), f.stat().st_mtime, f.stat().st_size) for f in files]
-    key = (str(path), max((s[1] for s in stat), default=0.0), sum(s[2] for s in stat))
-    if key not in _SHA_CACHE:
-        digest = hashlib.sha256()
-        for f in files:
-            with open(f, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    digest.update(chunk)
-        _SHA_CACHE[key] = digest.hexdigest()
-    return _SHA_CACHE[key]
-
-
 def weights_identity(weights: str | Path | None) -> str:
     """What identifies a stage's weights in its config: the file's sha256, ``random-init``, or ``""``."""
     if weights is None:
@@ -59,7 +49,8 @@ def weights_identity(weights: str | Path | None) -> str:
         return "random-init"
     if not Path(weights).expanduser().exists():
         raise ShnetError(f"weights not found: {weights} (weights are read from local files only; nothing is downloaded)")
-    return file_sha256(Path(weights).expanduser())
+    path = Path(weights).expanduser()
+    return content_sha256(path if path.is_dir() else regular_file(path))
 
 
 class _ArraysOnlyUnpickler(pickle.Unpickler):
@@ -232,3 +223,21 @@ def load_state_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor]
     if report:
         raise CheckpointMismatchError(f"{source} does not match {type(module).__name__}:\n" + "\n".join(report))
     module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file, unwrapped from a ``{"state_dict": ...}`` or ``{"model": ...}``
+    training checkpoint and from a ``module.`` (DataParallel) or ``model.`` prefix on every key."""
+    obj = load_weights_file(path)
+    if isinstance(obj, Mapping):
+        for key in _WRAPPER_KEYS:
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+    state = to_tensor_dict(obj) if isinstance(obj, Mapping) else {}
+    if not state:
+        raise ShnetError(f"{path}: holds no tensors by name; expected a model state dict")
+    for prefix in _WRAPPER_PREFIXES:
+        if all(key.startswith(prefix) for key in state):
+            state = strip_prefix(state, prefix)
+    return state

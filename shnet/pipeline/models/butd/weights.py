@@ -1,4 +1,6 @@
-"""Build the detector from a local weights file, matched strictly by name and shape.
+"""The detector's weights: its parameter names in the two published namings, strict loading with a
+report, and the detector built from a local weights file, matched strictly by name and shape.
+(Reading the file itself, whatever its format, is :mod:`shnet.weights`.)
 
 Formats: detectron2 ``.pkl`` (a pickled dict whose ``model`` maps names to numpy arrays, read with
 shnet's restricted unpickler), ``.pth`` / ``.safetensors`` state dicts (bare, or under ``model`` /
@@ -19,9 +21,8 @@ from pathlib import Path
 
 import torch
 
-from ....checkpoints import mismatch_report
 from ....errors import CheckpointMismatchError, ShnetError
-from ..state_dicts import read_state_dict
+from ....weights import mismatch_report, read_state_dict
 from .backbone import BLOCKS_PER_STAGE
 from .conventions import CONVENTIONS, CAFFE, Convention
 from .detector import BUTDDetector
