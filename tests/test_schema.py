@@ -148,3 +148,12 @@ def test_nothing_under_the_trainer_opens_hdf5_itself():
             if any(name.split(".")[0] == "h5py" for name in names):
                 importers.append(path.name)
     assert importers == []
+
+
+def test_verify_names_layout_region_arrays_of_another_k_than_the_regions(tmp_path):
+    cache = _regions_cache(tmp_path / "cache", np.zeros((4, 4, 4), np.float32))
+    layout = {"region_geometry": np.zeros((4, 3, schema.GEOMETRY_DIM), np.float32), "cat_onehot": np.zeros((4, schema.NUM_CLASSES), np.uint8)}
+    cache = write_stage(cache.root, "layout", [f"img{i}" for i in range(4)], layout, {"synthetic": True}, shard_size=2)
+    problems = verify_cache(cache).problems
+    assert len(problems) == 2 and all(p.startswith("layout shard") for p in problems)
+    assert "array 'region_geometry' has per-image shape (3, 7), so K=3, but 'regions/boxes' gives K=4" in problems[0]

@@ -9,6 +9,7 @@ import h5py
 import numpy as np
 
 from ..errors import CacheError
+from ..fileio import TEMPORARY_GLOB
 from . import schema
 from .store import Cache
 
@@ -112,7 +113,7 @@ def verify_cache(cache: Cache, quick: bool = False) -> VerifyResult:
         dup = images["image_id"][images["image_id"].duplicated()].head(3).tolist()
         result.problems.append(f"images.parquet lists some image_ids twice (e.g. {dup})")
     expected_rows = images.groupby("shard")["image_id"].apply(list).to_dict()
-    leftovers = list(cache.root.rglob("*.tmp-*"))
+    leftovers = list(cache.root.rglob(TEMPORARY_GLOB))
     if leftovers:
         result.warnings.append(f"{len(leftovers)} temporary file(s) of an interrupted run (removed by the next extract), e.g. {leftovers[0]}")
     unvouched = 0
@@ -184,8 +185,24 @@ def _verify_shard(cache: Cache, stage: str, shard: int, image_ids: list) -> list
 def _schema_problems(cache: Cache, stage: str, shard: int, h5, recorded: dict) -> list[str]:
     """The shard's per-image array shapes and dtypes against :mod:`shnet.cache.schema`, as one line."""
     imported = schema.is_imported(recorded)
-    mismatched = schema.check_arrays(stage, {key: (h5[key].shape[1:], h5[key].dtype) for key in h5}, imported)
+    known = {}
+    for other, symbols in schema.counting_stages(stage).items():
+        sizes = _symbol_sizes(cache, other, shard)
+        known.update({symbol: sizes[symbol] for symbol in symbols if symbol in sizes})
+    mismatched = schema.check_arrays(stage, {key: (h5[key].shape[1:], h5[key].dtype) for key in h5}, imported, known)
     if not mismatched:
         return []
     fix = "import the .npy set again into a new cache with `shnet import`" if imported else cache.redo_hint(stage, shard)
     return [f"arrays not as the schema defines stage '{stage}': {'; '.join(mismatched)}. To fix: {fix}"]
+
+
+def _symbol_sizes(cache: Cache, stage: str, shard: int) -> dict:
+    """The schema's symbol sizes in one shard of ``stage``; none when it is not done or is damaged
+    (a damaged shard is named on its own)."""
+    if not cache.is_done(stage, shard) or cache.shard_problem(stage, shard):
+        return {}
+    try:
+        with cache.open_arrays(stage, shard) as h5:
+            return schema.symbol_sizes(stage, {key: (h5[key].shape[1:], h5[key].dtype) for key in h5})
+    except CacheError:
+        return {}

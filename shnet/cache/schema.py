@@ -192,16 +192,42 @@ def _shape_text(shape: tuple) -> str:
     return "(" + ", ".join(str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
 
 
-def check_arrays(stage: str, arrays: Mapping[str, tuple[tuple, np.dtype]], imported: bool = False) -> list[str]:
+def counting_stages(stage: str) -> dict[str, set[str]]:
+    """Other stages whose count arrays say which rows of ``stage``'s arrays are valid, each with the
+    symbols the two share (layout: ``{"regions": {"K"}}``): the same shard must agree on them."""
+    shared: dict[str, set[str]] = {}
+    for array in STAGE_ARRAYS.get(stage, {}).values():
+        if array.valid_count is not None and array.valid_count[0] != stage:
+            shared.setdefault(array.valid_count[0], set()).add(array.shape[0])
+    return shared
+
+
+def symbol_sizes(stage: str, arrays: Mapping[str, tuple[tuple, np.dtype]]) -> dict[str, tuple[int, str]]:
+    """Each symbol's size in one shard of ``stage`` (name -> per-image shape, dtype), with the
+    ``stage/array`` that gives it (the first array that binds it)."""
+    sizes: dict[str, tuple[int, str]] = {}
+    for name, (shape, _) in arrays.items():
+        expected = STAGE_ARRAYS.get(stage, {}).get(name)
+        if expected is not None and len(expected.shape) == len(shape):
+            for symbol, size in zip(expected.shape, shape):
+                if isinstance(symbol, str):
+                    sizes.setdefault(symbol, (int(size), f"{stage}/{name}"))
+    return sizes
+
+
+def check_arrays(
+    stage: str, arrays: Mapping[str, tuple[tuple, np.dtype]], imported: bool = False, known: Mapping[str, tuple[int, str]] | None = None
+) -> list[str]:
     """Problems of one shard's stored arrays (name -> per-image shape, dtype) against the schema:
-    unknown names, shapes that break a fixed size or bind a symbol to two values, dtypes other
-    than extract writes (an ``imported`` set keeps its files' numeric dtypes). A stage the schema
-    does not know has nothing to check."""
+    unknown names, shapes that break a fixed size or bind a symbol to two values (``known``: sizes
+    another stage's shard already gives, see :func:`counting_stages`), dtypes other than extract
+    writes (an ``imported`` set keeps its files' numeric dtypes). A stage the schema does not know
+    has nothing to check."""
     defined = STAGE_ARRAYS.get(stage)
     if defined is None:
         return []
     problems: list[str] = []
-    bound: dict[str, tuple[int, str]] = {}  # symbol -> (value, array that set it)
+    bound: dict[str, tuple[int, str]] = dict(known or {})  # symbol -> (value, array that set it)
     for name, (shape, dtype) in arrays.items():
         expected = defined.get(name)
         if expected is None:
