@@ -27,8 +27,8 @@ import numpy as np
 import pandas as pd
 
 from ..errors import ShnetError
-from ..fileio import read_parquet, reading, refuse_control_characters
-from .store import Cache, atomic_write_parquet
+from ..fileio import atomic_write_parquet, read_parquet, reading, refuse_control_characters
+from .store import Cache
 
 KARPATHY_CAPTIONS_PER_IMAGE = 5
 SPLIT_ALIASES = {"train": ("train", "restval"), "val": ("val", "dev")}  # dev: SCAN's name of the validation split

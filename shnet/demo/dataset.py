@@ -24,8 +24,8 @@ from typing import Callable
 
 from PIL import Image
 
-from ..cache import atomic_write_json
 from ..errors import ShnetError
+from ..fileio import atomic_write_json
 from .scenes import encode_segment_ids, make_scene
 
 IMAGES, PANOPTIC_JSON, PANOPTIC_DIR = "images", "panoptic.json", "panoptic"

@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..cache import Cache, atomic_write_json
+from ..cache import Cache
 from ..errors import ShnetError
+from ..fileio import atomic_write_json
 from ..pipeline.runner import ExtractReport, ExtractRequest, run_extract
 from ..trainer.evaluate import EvalRequest, Evaluation, evaluate_checkpoints
 from ..trainer.run import RunDir

@@ -18,7 +18,7 @@ import pandas as pd
 
 from ..devices import extract_device
 from ..errors import CacheError, ShnetError
-from ..fileio import writable_destination
+from ..fileio import atomic_write_parquet, writable_destination
 from .images import checked_roots, discover_images
 from .profiles import apply_overrides, load_profile
 from .executors import IN_PROCESS, Task, run_in_process, run_on_dask
@@ -30,7 +30,6 @@ from ..cache.store import (
     LOCK_FILE,
     Cache,
     CacheLock,
-    atomic_write_parquet,
     create_cache,
     image_list_digest,
     plan_shards,
