@@ -27,7 +27,8 @@ from ..devices import resolve_device
 from ..errors import ShnetError
 from ..cache.captions import CaptionSet, match_images, read_captions, stored_captions
 from ..trainer.checkpoint import LoadedModel, load_model
-from ..trainer.data import FeatureIndex, caption_loader, image_loader
+from ..cache.features import FeatureIndex
+from ..trainer.data import caption_loader, image_loader
 from ..trainer.run import resolve_checkpoint
 from .store import DTYPES, FORMAT, FORMAT_VERSION, EmbeddingStore
 
