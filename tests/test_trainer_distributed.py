@@ -1,6 +1,11 @@
 """`shnet train` under torchrun on CPU (gloo): two processes with half the batch each compute what one
 process computes with the whole batch (gradients, BatchNorm statistics, losses, parameters), resume
-after a kill with any number of processes, and refuse a batch the processes cannot share."""
+after a kill with any number of processes, and refuse a batch the processes cannot share.
+
+Each torchrun launch costs three interpreters importing torch, so the single-process references run
+inside pytest (one torch thread, as ``OMP_NUM_THREADS=1`` gives the ranks) and one two-process run,
+killed midway and resumed on two processes, is both the "two processes train what one trains" and
+the "resume after a kill" evidence."""
 
 from __future__ import annotations
 
@@ -15,7 +20,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 
+from shnet.trainer.cli import train_command
 from shnet.trainer.synthetic import write_concept_cache
 
 HERE = Path(__file__).resolve().parent
@@ -51,10 +58,28 @@ def train_args(output: str, epochs: int = EPOCHS) -> list[str]:
     return ["--cache", "cache", "--captions", "captions.csv", "-o", output, "--epochs", str(epochs), *TRAIN_ARGS]
 
 
+def train_here(data: Path, *args: str) -> None:
+    """``shnet train ARGS`` in this process, in ``data`` as the torchrun launches run (relative paths)."""
+    cwd = Path.cwd()
+    os.chdir(data)
+    try:
+        result = CliRunner().invoke(train_command, list(args), catch_exceptions=False)
+    finally:
+        os.chdir(cwd)
+    assert result.exit_code == 0, result.output
+
+
 @pytest.fixture(scope="module")
-def one_process(data) -> Path:
-    result = run([sys.executable, *shnet_train(*train_args("one"))], data)
-    assert result.returncode == 0, result.stderr
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def one_process(data, one_thread) -> Path:
+    train_here(data, *train_args("one"))
     return data / "one"
 
 
@@ -92,10 +117,11 @@ def assert_same_run(a: Path, b: Path) -> float:
     return (vector_a - vector_b).abs().max().item()
 
 
-def test_one_step_on_two_processes_has_the_gradients_of_one_process(data):
+def test_one_step_on_two_processes_has_the_gradients_of_one_process(data, one_thread):
+    import distributed_step
+
+    distributed_step.main(str(data / "cache"), str(data / "captions.csv"), str(data / "one.pt"), 20)
     args = [str(HERE / "distributed_step.py"), "cache", "captions.csv"]
-    alone = run([sys.executable, *args, "one.pt", "20"], data)
-    assert alone.returncode == 0, alone.stderr
     pair = run(torchrun(*args, "two.pt", "20"), data)
     assert pair.returncode == 0, pair.stderr
     one, two = (torch.load(data / name, weights_only=False) for name in ("one.pt", "two.pt"))
@@ -115,40 +141,53 @@ def test_one_step_on_two_processes_has_the_gradients_of_one_process(data):
         torch.testing.assert_close(two["running"][name], stats, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_two_processes_train_what_one_process_trains(data, one_process):
-    result = run(torchrun(*shnet_train(*train_args("two"))), data)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.count("best validation rSum") == 1  # rank 0 speaks for the job
-    largest = assert_same_run(one_process, data / "two")
-    print(f"largest parameter difference, 2 processes vs 1: {largest:.3g}")
-    options = json.loads((data / "two" / "options.json").read_text())["options"]
-    assert options["world_size"] == 2 and options["batch_size"] == 20
-    assert json.loads((one_process / "options.json").read_text())["options"]["world_size"] == 1
-
-
-def test_resume_after_a_kill_under_torchrun_with_any_number_of_processes(data, one_process):
+@pytest.fixture(scope="module")
+def killed(data) -> tuple[Path, int]:
+    """A two-process run killed (SIGKILL to the whole job) once it has checkpointed two of its
+    epochs, and a copy of it; returns the run and how many epochs it had logged."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    killed = data / "killed"
+    run_dir = data / "killed"
     process = subprocess.Popen(
         torchrun(*shnet_train(*train_args("killed"))), cwd=data, env=env, start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and process.poll() is None:
-        metrics = killed / "metrics.jsonl"
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2 and (killed / "last.pth").exists():
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2 and (run_dir / "last.pth").exists():
             break
         time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    done = len((killed / "metrics.jsonl").read_text().splitlines())
+    done = len((run_dir / "metrics.jsonl").read_text().splitlines())
+    shutil.copytree(run_dir, data / "killed-alone")
+    return run_dir, done
+
+
+@pytest.fixture(scope="module")
+def resumed_on_two(data, killed) -> subprocess.CompletedProcess:
+    return run(torchrun(*shnet_train("-o", "killed", "--resume")), data)
+
+
+def test_two_processes_train_what_one_process_trains(data, one_process, killed, resumed_on_two):
+    """Every epoch of the killed-and-resumed run ran on two processes: its losses and final state
+    are those of the one-process run."""
+    run_dir, done = killed
+    assert resumed_on_two.returncode == 0, resumed_on_two.stderr
+    assert resumed_on_two.stdout.count("best validation rSum") == 1  # rank 0 speaks for the job
+    largest = assert_same_run(one_process, run_dir)
+    print(f"largest parameter difference, 2 processes vs 1: {largest:.3g}")
+    options = json.loads((run_dir / "options.json").read_text())["options"]
+    assert options["world_size"] == 2 and options["batch_size"] == 20
+    assert json.loads((one_process / "options.json").read_text())["options"]["world_size"] == 1
+
+
+def test_resume_after_a_kill_under_torchrun_with_any_number_of_processes(data, one_process, killed, resumed_on_two, one_thread):
+    run_dir, done = killed
     assert 2 <= done < EPOCHS, f"the run was to be killed midway; it had {done} epochs"
-    shutil.copytree(killed, data / "killed-alone")
-    resumed = run(torchrun(*shnet_train("-o", "killed", "--resume")), data)
-    assert resumed.returncode == 0, resumed.stderr
-    assert_same_run(one_process, killed)
-    alone = run([sys.executable, *shnet_train("-o", "killed-alone", "--resume")], data)
-    assert alone.returncode == 0, alone.stderr
+    assert resumed_on_two.returncode == 0, resumed_on_two.stderr
+    assert_same_run(one_process, run_dir)
+    train_here(data, "-o", "killed-alone", "--resume")
     assert_same_run(one_process, data / "killed-alone")
     assert json.loads((data / "killed-alone" / "options.json").read_text())["options"]["world_size"] == 1
 
