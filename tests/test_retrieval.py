@@ -22,7 +22,7 @@ from shnet.errors import ShnetError
 from shnet.retrieval.encode import EncodeRequest, encode
 from shnet.retrieval.search import search_image
 from shnet.retrieval.store import FORMAT, FORMAT_VERSION, EmbeddingStore
-from shnet.retrieval.topk import Matrix, exact_top_k, rank
+from shnet.retrieval.topk import Matrix, bfloat16_bits, exact_top_k, rank
 from shnet.trainer.synthetic import write_concept_cache
 from shnet.trainer.train import TrainOptions, train
 
@@ -261,8 +261,12 @@ def test_each_shard_has_its_matrix_and_search_reads_it(store):
         assert matrix.dtype == np.dtype("<f4") and matrix.shape == (10 if shard < 4 else 8, 32)
         np.testing.assert_array_equal(matrix, np.stack(frame["embedding"].iloc[shard * 10 : shard * 10 + len(matrix)]))
         done = json.loads((store / "done" / "images" / f"{shard:05d}.done").read_text())
-        assert set(done["files"]) == {f"{shard:05d}.npy", f"{shard:05d}.parquet"} and done["rows"] == len(matrix)
-    assert all(isinstance(block, np.memmap) for block in store_.matrix("images").blocks)
+        assert set(done["files"]) == {f"matrices/images/{shard:05d}.npy", f"screens/images/{shard:05d}.npy", f"images/{shard:05d}.parquet"}
+        assert done["rows"] == len(matrix)
+        screen = np.load(store / "screens" / "images" / f"{shard:05d}.npy")
+        assert screen.dtype == np.dtype("<u2") and (screen == bfloat16_bits(matrix)).all()
+    matrix = store_.matrix("images")
+    assert all(isinstance(block, np.memmap) for block in matrix.blocks + matrix.screens)
     assert store_.matrix("captions").rows == 240
 
 

@@ -6,18 +6,20 @@ Layout of one store directory (``shnet encode RUN --cache CACHE -o EMB``)::
     embeddings.json            format, the run (checkpoint path, sha256, epoch), caches, dtype,
                                dimension, shard plan and row counts of each part
     images/00000.parquet       image_id, path, embedding (fixed_size_list<float32|float16>[D])
-    matrices/images/00000.npy  the same embeddings as a raw little-endian [rows, D] matrix (what
-                               search reads, memory-mapped: no Parquet list decoding)
+    matrices/images/00000.npy  the same embeddings as a raw little-endian [rows, D] matrix of the
+                               store's dtype (memory-mapped by search: no Parquet list decoding)
+    screens/images/00000.npy   the same rows rounded to bfloat16 (uint16 bits), what exact search
+                               screens with before it rescores the few candidates from the matrix
     done/images/00000.done     written last: rows, dimension, largest row norm, and the bytes and
-                               sha256 of the two files above
+                               sha256 of the three files above
     captions/00000.parquet     caption_id, image, image_id, split, caption, embedding (and its
-                               matrices/captions/00000.npy, done/captions/00000.done)
+                               matrices/, screens/ and done/ files)
     index/images.faiss         the approximate index (``--index``) and index/index.json, its record
     .lock                      held by the one encode that may write the store
 
 A shard's files are written under temporary names and renamed into place, its done record last; a
 shard counts as done only when its done record is readable and both files match it (sizes, Parquet
-signature, the ``.npy`` header's dtype and shape), so a cut or rewritten file is redone by the next
+signature, each ``.npy`` header's dtype and shape), so a cut or rewritten file is redone by the next
 encode and named by search. Read a part as one frame with ``pd.read_parquet("EMB/images")`` (the
 part's folder holds its Parquet tables only).
 Stores of format 1 (Parquet only, before the ``.npy`` matrices) are refused with the command that
@@ -36,7 +38,7 @@ import pyarrow.parquet as pq
 from ..cache.store import file_problem, shard_stem, vouch
 from ..errors import ShnetError
 from ..fileio import DirectoryLock, atomic_open, atomic_write_json, atomic_write_parquet, read_json, reading, remove_stale_temporaries
-from .topk import Chunk, Matrix
+from .topk import Chunk, Matrix, bfloat16_bits
 
 FORMAT = "shnet-embeddings"
 FORMAT_VERSION = 2
@@ -48,6 +50,8 @@ _ARROW_TYPES = {"float32": pa.float32(), "float16": pa.float16()}
 # row groups of 32768 rows let a reader stream a shard without holding all of it.
 SHARD_WRITE_OPTIONS = {"compression": "none", "use_dictionary": False, "row_group_size": 32768}
 REDO = "re-run the same `shnet encode` command to redo it"
+_FOLDERS = {"table": "", "matrix": "matrices", "screen": "screens", "done": "done"}
+_SUFFIXES = {"table": ".parquet", "matrix": ".npy", "screen": ".npy", "done": ".done"}
 
 
 def embedding_column(embeddings: np.ndarray, dtype: str) -> pa.FixedSizeListArray:
@@ -128,10 +132,12 @@ class EmbeddingStore:
         return entry
 
     # --- shards -------------------------------------------------------------------------------
-    def shard_path(self, part: str, shard: int, suffix: str = ".parquet") -> Path:
-        """A shard's table (``.parquet``), matrix (``.npy``) or done record (``.done``)."""
-        folder = {".parquet": self.root, ".npy": self.root / "matrices", ".done": self.root / "done"}[suffix]
-        return folder / part / f"{shard_stem(shard)}{suffix}"
+    def shard_path(self, part: str, shard: int, kind: str = "table") -> Path:
+        """A shard's ``table`` (Parquet), ``matrix`` or ``screen`` (``.npy``) or ``done`` record."""
+        return self.root / _FOLDERS[kind] / part / f"{shard_stem(shard)}{_SUFFIXES[kind]}"
+
+    def _key(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix()
 
     def write_shard(self, part: str, shard: int, table: pa.Table, embeddings: np.ndarray, dtype: str) -> None:
         """Commit one shard: its matrix (``embeddings`` as ``dtype``, little-endian) and its table
@@ -139,12 +145,13 @@ class EmbeddingStore:
         matrix = np.ascontiguousarray(embeddings, dtype=np.dtype(dtype).newbyteorder("<"))
         if matrix.ndim != 2 or len(matrix) != table.num_rows:
             raise ValueError(f"{matrix.shape} embeddings for a table of {table.num_rows} rows")
-        done, npy, parquet = (self.shard_path(part, shard, suffix) for suffix in (".done", ".npy", ".parquet"))
-        for path in (done, npy, parquet):
+        done, npy, screen, parquet = (self.shard_path(part, shard, kind) for kind in ("done", "matrix", "screen", "table"))
+        for path in (done, npy, screen, parquet):
             path.parent.mkdir(parents=True, exist_ok=True)
         done.unlink(missing_ok=True)
-        with atomic_open(npy) as fh:
-            np.lib.format.write_array(fh, matrix, allow_pickle=False)
+        for path, values in ((npy, matrix), (screen, bfloat16_bits(matrix))):
+            with atomic_open(path) as fh:
+                np.lib.format.write_array(fh, values, allow_pickle=False)
         atomic_write_parquet(parquet, table.append_column("embedding", embedding_column(matrix, dtype)), **SHARD_WRITE_OPTIONS)
         norms = np.linalg.norm(matrix.astype(np.float32), axis=1)
         atomic_write_json(
@@ -154,33 +161,35 @@ class EmbeddingStore:
                 "dimension": int(matrix.shape[1]),
                 "dtype": dtype,
                 "max_norm": float(norms.max()) if len(norms) else 0.0,
-                "files": {npy.name: vouch(npy), parquet.name: vouch(parquet)},
+                "files": {self._key(path): vouch(path) for path in (npy, screen, parquet)},
             },
         )
 
     def shard_problem(self, part: str, shard: int) -> str | None:
         """Why ``shard`` of ``part`` is not done (a file named), or None when its done record vouches
         for files that look whole (cheap: sizes, signatures, the matrix header; no hashing)."""
-        done = self.shard_path(part, shard, ".done")
+        done = self.shard_path(part, shard, "done")
         if not done.exists():
             return f"shard {shard_stem(shard)} of {self.root / part} was never finished (no {done})"
         try:
             record = read_json(done, "a shard's done record", REDO)
         except ShnetError as exc:
             return str(exc)
-        npy, parquet = self.shard_path(part, shard, ".npy"), self.shard_path(part, shard)
+        npy, screen, parquet = (self.shard_path(part, shard, kind) for kind in ("matrix", "screen", "table"))
         files = record.get("files", {}) if isinstance(record, dict) else {}
-        if npy.name not in files or parquet.name not in files:
-            return f"{done} does not vouch for {npy.name} and {parquet.name}; {REDO}"
-        problem = npy_problem(npy, {**files[npy.name], **{k: record[k] for k in ("rows", "dimension", "dtype")}})
-        if problem is not None:
-            return f"{npy} {problem}; {REDO}"
-        problem = file_problem(parquet, files[parquet.name])
+        if any(self._key(path) not in files for path in (npy, screen, parquet)):
+            return f"{done} does not vouch for the shard's three files; {REDO}"
+        shape = {k: record[k] for k in ("rows", "dimension")}
+        for path, dtype in ((npy, record["dtype"]), (screen, "uint16")):
+            problem = npy_problem(path, {**files[self._key(path)], **shape, "dtype": dtype})
+            if problem is not None:
+                return f"{path} {problem}; {REDO}"
+        problem = file_problem(parquet, files[self._key(parquet)])
         return None if problem is None else f"{parquet} {problem}; {REDO}"
 
     def done_shards(self, part: str) -> set[int]:
         """Shards whose done record vouches for whole-looking files; a re-run of encode redoes the rest."""
-        folder = self.root / "done" / part
+        folder = self.shard_path(part, 0, "done").parent
         if not folder.is_dir():
             return set()
         return {int(p.stem) for p in folder.glob("*.done") if p.stem.isdigit() and self.shard_problem(part, int(p.stem)) is None}
@@ -199,17 +208,17 @@ class EmbeddingStore:
         return entry
 
     def matrix(self, part: str) -> Matrix:
-        """The part's embeddings as one :class:`Matrix` over its shards' memory-mapped ``.npy`` files
-        (nothing read until used; never unpickled)."""
+        """The part's embeddings as one :class:`Matrix` over its shards' memory-mapped matrices and
+        screens (nothing read until used; never unpickled)."""
         entry = self.complete_part(part)
-        blocks, max_norm = [], 0.0
+        blocks, screens, max_norm = [], [], 0.0
         for shard in range(entry["shards"]):
-            path = self.shard_path(part, shard, ".npy")
-            with self.reading_shard(path):
-                blocks.append(np.load(path, mmap_mode="r", allow_pickle=False))
-                done = read_json(self.shard_path(part, shard, ".done"), "a shard's done record", REDO)
+            for path, out in ((self.shard_path(part, shard, "matrix"), blocks), (self.shard_path(part, shard, "screen"), screens)):
+                with self.reading_shard(path):
+                    out.append(np.load(path, mmap_mode="r", allow_pickle=False))
+            done = read_json(self.shard_path(part, shard, "done"), "a shard's done record", REDO)
             max_norm = max(max_norm, float(done["max_norm"]))
-        return Matrix(blocks, max_norm)
+        return Matrix(blocks, max_norm, screens)
 
     def chunks(self, part: str, rows: int = 65536) -> Iterator[Chunk]:
         """The part's embeddings in order, at most ``rows`` at a time (memory-mapped views)."""
