@@ -94,14 +94,19 @@ class Matrix:
 def rank(query: np.ndarray, scores: np.ndarray, rows: np.ndarray, queries: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Per query, its ``k`` best (score, row) pairs among flat candidates (``query[i]`` names the
     query of candidate i): score descending, ties broken by the lower row. Returns ([Q, k'] scores,
-    [Q, k'] rows) with k' = min(k, the fewest candidates any query has)."""
+    [Q, k'] rows), k' = min(k, the most candidates any query has); a query with fewer has its
+    remaining places filled with row -1 and score -inf."""
     order = np.lexsort((rows, -scores, query))
-    query, scores, rows = query[order], scores[order], rows[order]
+    scores, rows = scores[order], rows[order]
     counts = np.bincount(query, minlength=queries)
-    width = int(min(k, counts.min())) if queries else 0
-    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    width = int(min(k, counts.max())) if len(query) else 0
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
     at = first[:, None] + np.arange(width)[None, :]
-    return scores[at], rows[at]
+    present = np.arange(width)[None, :] < counts[:, None]
+    at = np.where(present, at, 0)
+    if not len(rows):
+        return np.zeros((queries, 0), scores.dtype), np.zeros((queries, 0), np.int64)
+    return np.where(present, scores[at], -np.inf), np.where(present, rows[at], -1)
 
 
 def _group_best(query: np.ndarray, values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
