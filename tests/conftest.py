@@ -1,4 +1,5 @@
-"""Shared fixtures: real photos (shipped inside scikit-image / scikit-learn) and odd files."""
+"""Shared fixtures: real photos (shipped inside scikit-image / scikit-learn), odd files, and the one
+``extract`` helper every test file runs `shnet extract` through."""
 
 from __future__ import annotations
 
@@ -6,7 +7,33 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from PIL import Image
+
+IN_PROCESS = ["--scheduler", "in-process"]
+
+
+def run_extract_cli(*args, ok: bool = True, cluster: bool = False):
+    """`shnet extract ARGS` through the command line, in this process (Click's runner).
+
+    Its tasks run in-process (``--scheduler in-process``) unless ``cluster``: a test about the cache's
+    content needs no Dask cluster, and starting one costs seconds; the tests of Dask itself (kills,
+    lost workers, an external scheduler, worker counts) pass ``cluster=True`` and their ``--workers``.
+    ``ok``: the run must succeed (exit code 0); otherwise the result is returned as it is.
+    """
+    from shnet.cli import main
+
+    command = ["extract", *map(str, args), *([] if cluster else IN_PROCESS)]
+    result = CliRunner().invoke(main, command, catch_exceptions=False)
+    if ok:
+        assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.fixture(scope="session")
+def extract():
+    """:func:`run_extract_cli`, for tests and fixtures of any scope."""
+    return run_extract_cli
 
 
 def _photos() -> dict[str, np.ndarray]:
