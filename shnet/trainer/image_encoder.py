@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cache.schema import NUM_CLASSES, REGION_FEATURE_DIM, SEG_CELLS, SEG_MAP_SIZE
+from ..cache.schema import CAT_ONEHOT, NUM_CLASSES, REGION_FEATURE_DIM, SEG_CELLS, SEG_FEAT, SEG_MAP, SEG_MAP_SIZE
 from ..errors import ShnetError
 from . import distributed
 from .distributed import BatchAlignedDropout, batch_norm_rows
@@ -226,9 +226,9 @@ class ImageEncoder(nn.Module):
         expected = {
             "regions": (regions, (batch, num_regions, self.region_dim)),
             "lengths": (lengths, (batch,)),
-            "seg_map": (seg_map, (batch, SEG_MAP_SIZE, SEG_MAP_SIZE)),
-            "cat_onehot": (cat_onehot, (batch, self.num_classes)),
-            "seg_feat": (seg_feat, (batch, self.num_classes, SEG_CELLS, SEG_CELLS)),
+            SEG_MAP: (seg_map, (batch, SEG_MAP_SIZE, SEG_MAP_SIZE)),
+            CAT_ONEHOT: (cat_onehot, (batch, self.num_classes)),
+            SEG_FEAT: (seg_feat, (batch, self.num_classes, SEG_CELLS, SEG_CELLS)),
         }
         for name, (tensor, shape) in expected.items():
             if tuple(tensor.shape) != shape:
