@@ -166,17 +166,13 @@ def annotated(photo_dir, tmp_path_factory):
     return json_path, made
 
 
-def extract(*args):
-    result = CliRunner().invoke(main, ["extract", *map(str, args)])
-    assert result.exit_code == 0, result.output
-    return result
 
 
-def test_layout_stage_matches_direct_computations_on_the_full_resolution_maps(photo_dir, annotated, tmp_path):
+def test_layout_stage_matches_direct_computations_on_the_full_resolution_maps(photo_dir, annotated, tmp_path, extract):
     json_path, made = annotated
     cache = tmp_path / "cache"
     coco = ["--set", "panoptic.backend=coco", "--set", f"panoptic.annotations={json_path}", "--set", "panoptic.resolution=96"]
-    extract(photo_dir, "-o", cache, "--stages", "panoptic,saliency", *coco, "--set", "saliency.resolution=32", "--workers", 1)
+    extract(photo_dir, "-o", cache, "--stages", "panoptic,saliency", *coco, "--set", "saliency.resolution=32")
     images = Cache(cache).images()
     ids = images["image_id"].tolist()
     # hand-made regions: boxes in image pixels, a different count per image, K = 4
@@ -189,7 +185,7 @@ def test_layout_stage_matches_direct_computations_on_the_full_resolution_maps(ph
             x1, y1 = rng.uniform(0, w * 0.6), rng.uniform(0, h * 0.6)
             boxes[i, j] = [x1, y1, min(w, x1 + rng.uniform(2, w * 0.4)), min(h, y1 + rng.uniform(2, h * 0.4))]
     write_stage(cache, "regions", ids, {"boxes": boxes, "num_boxes": counts, "image_hw": hw}, {"source": "hand-made"}, table={"num_boxes": counts})
-    extract(photo_dir, "-o", cache, "--stages", "layout", *coco, "--set", "saliency.resolution=32", "--set", "layout.void=keep", "--workers", 1)
+    extract(photo_dir, "-o", cache, "--stages", "layout", *coco, "--set", "saliency.resolution=32", "--set", "layout.void=keep")
 
     index = {c.id: c.index for c in coco_panoptic_categories()}
     table = Cache(cache).stage_table("layout")
@@ -279,11 +275,11 @@ def test_most_probable_class_at_the_stored_pixels_equals_a_full_resolution_bilin
     assert got.shape == expected.shape and (got == expected).mean() > 0.999  # float ties aside
 
 
-def test_default_layout_fills_void_and_upsnet_order_permutes_every_array(photo_dir, annotated, tmp_path):
+def test_default_layout_fills_void_and_upsnet_order_permutes_every_array(photo_dir, annotated, tmp_path, extract):
     json_path, made = annotated
     coco = ["--set", "panoptic.backend=coco", "--set", f"panoptic.annotations={json_path}", "--set", "panoptic.resolution=96"]
-    extract(photo_dir, "-o", tmp_path / "coco", "--stages", "layout", *coco, "--set", "layout.seg_feat=area", "--workers", 1)
-    extract(photo_dir, "-o", tmp_path / "upsnet", "--stages", "layout", *coco, "--set", "layout.class_order=upsnet", "--workers", 1)
+    extract(photo_dir, "-o", tmp_path / "coco", "--stages", "layout", *coco, "--set", "layout.seg_feat=area")
+    extract(photo_dir, "-o", tmp_path / "upsnet", "--stages", "layout", *coco, "--set", "layout.class_order=upsnet")
     index = {c.id: c.index for c in coco_panoptic_categories()}
     new = stuff_first_index()
     ids = Cache(tmp_path / "coco").images()["image_id"].tolist()
@@ -307,11 +303,11 @@ def test_default_layout_fills_void_and_upsnet_order_permutes_every_array(photo_d
             assert a["seg_feat"][i].astype(np.float64).sum(0).min() > 0.99  # no void left in any cell
 
 
-def test_layout_without_regions_and_from_probabilities(photo_dir, annotated, tmp_path):
+def test_layout_without_regions_and_from_probabilities(photo_dir, annotated, tmp_path, extract):
     json_path, _ = annotated
     cache = tmp_path / "cache"
     extract(photo_dir, "-o", cache, "--stages", "layout", "--set", "panoptic.backend=coco", "--set", f"panoptic.annotations={json_path}",
-            "--set", "layout.seg_feat=probs", "--set", "layout.void=keep", "--workers", 1)
+            "--set", "layout.seg_feat=probs", "--set", "layout.void=keep")
     with h5py.File(cache / "layout" / "00000.h5") as h5, h5py.File(cache / "panoptic" / "00000.h5") as pan:
         assert set(h5) == {"seg_feat", "seg_map", "cat_onehot"}
         np.testing.assert_array_equal(h5["seg_feat"][:], pan["probs"][:])  # coco backend: zeros
@@ -330,14 +326,15 @@ def test_layout_options_and_missing_model_are_refused_before_anything_runs(photo
 
 
 @pytest.mark.slow
-def test_one_extract_runs_regions_saliency_panoptic_and_layout_in_order(photo_dir, annotated, tmp_path):
-    """The real regions stage (random-initialised, small) in the same run: layout waits for it and
-    describes exactly its boxes."""
+def test_one_extract_runs_regions_saliency_panoptic_and_layout_in_order(photo_dir, annotated, tmp_path, extract):
+    """The real regions stage (random-initialised, small) in the same run, on two Dask workers: layout
+    waits for it and describes exactly its boxes."""
     json_path, _ = annotated
     cache = tmp_path / "cache"
     extract(photo_dir, "-o", cache, "--stages", "layout,regions,saliency", "--set", "panoptic.backend=coco", "--set", f"panoptic.annotations={json_path}",
             "--set", "regions.weights=random", "--set", "regions.depth=50", "--set", "regions.min_size=96", "--set", "regions.max_size=160",
-            "--set", "regions.post_nms_topk=12", "--set", "regions.num_boxes=6", "--set", "saliency.resolution=32", "--workers", 2)
+            "--set", "regions.post_nms_topk=12", "--set", "regions.num_boxes=6", "--set", "saliency.resolution=32",
+            "--workers", 2, cluster=True)
     with h5py.File(cache / "layout" / "00000.h5") as h5, h5py.File(cache / "regions" / "00000.h5") as reg:
         assert h5["region_class_hist"].shape[1:] == (6, 133) and "region_saliency" in h5
         for row in range(len(reg["num_boxes"])):

@@ -32,11 +32,6 @@ def model_dir(tmp_path_factory):
     return tiny_mask2former(tmp_path_factory.mktemp("m2f") / "tiny-mask2former")
 
 
-def extract(*args, ok=True):
-    result = CliRunner().invoke(main, ["extract", *map(str, args)])
-    if ok:
-        assert result.exit_code == 0, result.output
-    return result
 
 
 def stage_options(model_dir):
@@ -47,10 +42,9 @@ def stage_options(model_dir):
 
 
 @pytest.fixture(scope="module")
-def hf_cache(model_dir, mixed_dir, tmp_path_factory):
+def hf_cache(model_dir, mixed_dir, tmp_path_factory, extract):
     cache = tmp_path_factory.mktemp("hf") / "cache"
-    extract(mixed_dir, "-o", cache, "--profile", "panoptic-coco", "--stages", "panoptic", "--set", f"panoptic.model={model_dir}", *OVERLAP0, "--set", "panoptic.resolution=96",
-            "--workers", 1, "--batch-size", 3)
+    extract(mixed_dir, "-o", cache, "--profile", "panoptic-coco", "--stages", "panoptic", "--set", f"panoptic.model={model_dir}", *OVERLAP0, "--set", "panoptic.resolution=96", "--batch-size", 3)
     return cache
 
 
@@ -156,7 +150,7 @@ def test_label_names_match_after_normalisation():
     assert names == ["person", "wall-other-merged", "sky-other-merged", "door-stuff", "playingfield"]
 
 
-def test_a_model_with_another_label_set_is_refused_naming_the_labels(tmp_path, photo_dir):
+def test_a_model_with_another_label_set_is_refused_naming_the_labels(tmp_path, photo_dir, extract):
     labels = {c.index: c.name for c in CATEGORIES}
     labels[3], labels[100] = "motorbike-ish", "lava"
     folder = tiny_mask2former(tmp_path / "other-labels", id2label=labels)
@@ -202,13 +196,12 @@ def test_broken_model_folders_are_refused_in_the_client(model_dir, tmp_path):
 # --- coco backend ---------------------------------------------------------------------------------
 
 
-def test_coco_annotations_become_the_stage_output(photo_dir, tmp_path):
+def test_coco_annotations_become_the_stage_output(photo_dir, tmp_path, extract):
     sizes = {p.stem: Image.open(p).size[::-1] for p in sorted(photo_dir.rglob("*.*"))}
     del sizes["rocket"]  # an image without annotation: an error row, not a failed shard
     json_path, made = blocky_annotations(tmp_path / "ann", sizes)
     cache = tmp_path / "cache"
-    extract(photo_dir, "-o", cache, "--stages", "panoptic", "--set", "panoptic.backend=coco", "--set", f"panoptic.annotations={json_path}",
-            "--workers", 1)
+    extract(photo_dir, "-o", cache, "--stages", "panoptic", "--set", "panoptic.backend=coco", "--set", f"panoptic.annotations={json_path}")
     store = Cache(cache)
     table = store.stage_table("panoptic").set_index("image_id")
     assert table.loc["things/rocket", "status"] == "error" and "no annotation for image 'rocket'" in table.loc["things/rocket", "error"]
@@ -282,7 +275,7 @@ def test_detectron2_backend_is_refused_clearly_without_detectron2(tmp_path):
 
 
 @pytest.mark.parametrize("backend", ["coco", pytest.param("hf", marks=pytest.mark.slow)])
-def test_train_grid_level_on_a_cache_made_by_extract(backend, photo_dir, tmp_path, single_torch_thread):
+def test_train_grid_level_on_a_cache_made_by_extract(backend, photo_dir, tmp_path, single_torch_thread, extract):
     if backend == "coco":
         sizes = {p.stem: Image.open(p).size[::-1] for p in sorted(photo_dir.rglob("*.*"))}
         json_path, _ = blocky_annotations(tmp_path / "ann", sizes)
@@ -290,7 +283,7 @@ def test_train_grid_level_on_a_cache_made_by_extract(backend, photo_dir, tmp_pat
     else:
         panoptic = ["--set", f"panoptic.model={tiny_mask2former(tmp_path / 'm2f')}", *OVERLAP0]
     cache = tmp_path / "cache"
-    extract(photo_dir, "-o", cache, "--stages", "grid,panoptic,layout", "--profile", "smoke", "--set", "grid.input_size=64", *panoptic, "--workers", 1)
+    extract(photo_dir, "-o", cache, "--stages", "grid,panoptic,layout", "--profile", "smoke", "--set", "grid.input_size=64", *panoptic)
     ids = Cache(cache).images()["image_id"].tolist()
     words = ["cat", "rocket", "coffee", "flower", "city", "person", "camera"]
     rows = [(image_id, f"a photo of a {words[i]} number {j}", "train" if i < 5 else "val") for i, image_id in enumerate(ids) for j in range(5)]

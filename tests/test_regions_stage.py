@@ -1,5 +1,4 @@
-"""Stage ``regions`` through ``shnet extract``: real photos and odd files, real Dask workers, real
-shards. A random-initialised ResNet-50 detector at a small input size keeps it fast on a CPU."""
+"""Stage ``regions`` through ``shnet extract``: real photos and odd files, real shards (tasks in-process). A random-initialised ResNet-50 detector at a small input size keeps it fast on a CPU."""
 
 from __future__ import annotations
 
@@ -24,16 +23,11 @@ FAST = [
     "--set", "regions.weights=random", "--set", "regions.depth=50",
     "--set", "regions.min_size=96", "--set", "regions.max_size=128",
     "--set", f"regions.post_nms_topk={K + 1}", "--set", f"regions.num_boxes={K}",
-    "--workers", "1",
 ]  # fmt: skip
 
 
-def extract(*args):
-    return CliRunner().invoke(main, ["extract", *map(str, args)], catch_exceptions=False)
-
-
 @pytest.fixture(scope="module")
-def regions_cache(mixed_dir, tmp_path_factory):
+def regions_cache(mixed_dir, tmp_path_factory, extract):
     cache = tmp_path_factory.mktemp("regions") / "cache"
     result = extract(mixed_dir, "-o", cache, *FAST, "--shard-size", 5, "--batch-size", 3)
     assert result.exit_code == 0, result.output
@@ -81,14 +75,14 @@ def test_shards_record_model_and_selection(regions_cache):
     assert (len(objects), len(attributes)) == (1600, 400) and objects[:2] == ["yolk", "goal"]
 
 
-def test_rerun_does_nothing_and_verify_is_clean(regions_cache, mixed_dir):
+def test_rerun_does_nothing_and_verify_is_clean(regions_cache, mixed_dir, extract):
     result = extract(mixed_dir, "-o", regions_cache, *FAST)
     assert result.exit_code == 0 and "nothing to do" in result.output
     verified = CliRunner().invoke(main, ["verify", str(regions_cache)])
     assert verified.exit_code == 0, verified.output
 
 
-def test_given_boxes_are_pooled_exactly(photo_dir, tmp_path):
+def test_given_boxes_are_pooled_exactly(photo_dir, tmp_path, extract):
     given = {"animals/chelsea": [[10, 12, 80, 90], [0, 0, 159, 100], [40.5, 20.25, 41.5, 30]], "things/coffee": [[5, 5, 60, 60]]}
     (tmp_path / "boxes.json").write_text(json.dumps(given))
     cache = tmp_path / "cache"
@@ -106,16 +100,16 @@ def test_given_boxes_are_pooled_exactly(photo_dir, tmp_path):
     assert (missing["status"] == "error").all() and missing["error"].str.contains("gives no boxes for image").all()
 
 
-def test_a_mismatched_weights_file_is_refused_before_any_work(photo_dir, tmp_path):
+def test_a_mismatched_weights_file_is_refused_before_any_work(photo_dir, tmp_path, extract):
     torch.save({"proposal_generator.rpn_head.objectness_logits.weight": torch.zeros(12, 512, 1, 1)}, tmp_path / "partial.pth")
-    result = extract(photo_dir, "-o", tmp_path / "cache", *FAST, "--set", f"regions.weights={tmp_path / 'partial.pth'}")
+    result = extract(photo_dir, "-o", tmp_path / "cache", *FAST, "--set", f"regions.weights={tmp_path / 'partial.pth'}", ok=False)
     assert result.exit_code == 1
     assert "partial.pth does not match the bottom-up-attention detector" in result.output
     assert "backbone.stem.conv1.weight" in result.output and "allow_missing_keys" in result.output
     assert not (tmp_path / "cache" / "regions").exists()
 
 
-def test_option_errors_name_the_option(photo_dir, tmp_path):
+def test_option_errors_name_the_option(photo_dir, tmp_path, extract):
     cases = {
         "regions.selection=best": "regions.selection must be one of caffe, d2",
         "regions.min_boxes=10": "either num_boxes",
@@ -123,7 +117,7 @@ def test_option_errors_name_the_option(photo_dir, tmp_path):
         "regions.conf_threshold=high": "regions.conf_threshold must be a number",
     }
     for assignment, message in cases.items():
-        result = extract(photo_dir, "-o", tmp_path / "cache", *FAST, "--set", assignment)
+        result = extract(photo_dir, "-o", tmp_path / "cache", *FAST, "--set", assignment, ok=False)
         assert result.exit_code == 1 and message in result.output, result.output
 
 
@@ -140,7 +134,7 @@ def checkpoint_with_bn_statistics(path, convention):
 
 
 @pytest.mark.parametrize("convention", [CAFFE, D2], ids=["caffe", "d2"])
-def test_batch_size_does_not_change_regions(photo_dir, tmp_path, convention):
+def test_batch_size_does_not_change_regions(photo_dir, tmp_path, convention, extract):
     """Batches of 5 mix the photos' sizes; each image gets bit for bit what it gets in a batch of 1."""
     weights = checkpoint_with_bn_statistics(tmp_path / "bn.pth", convention)
     caches = {}
@@ -155,7 +149,7 @@ def test_batch_size_does_not_change_regions(photo_dir, tmp_path, convention):
         np.testing.assert_array_equal(mixed[name], values, err_msg=name)
 
 
-def test_a_cache_of_earlier_numerics_is_refused(regions_cache, mixed_dir, tmp_path):
+def test_a_cache_of_earlier_numerics_is_refused(regions_cache, mixed_dir, tmp_path, extract):
     """A cache extracted before the per-checkpoint resize and unpadded batches records no ``numerics``:
     new shards must not join it."""
     old = tmp_path / "old"
@@ -165,12 +159,12 @@ def test_a_cache_of_earlier_numerics_is_refused(regions_cache, mixed_dir, tmp_pa
     del entry["config"]["numerics"]
     entry["config_hash"] = config_hash({k: v for k, v in entry["config"].items() if k not in ("weights", "boxes")})
     (old / "cache.json").write_text(json.dumps(record))
-    result = extract(mixed_dir, "-o", old, *FAST)
+    result = extract(mixed_dir, "-o", old, *FAST, ok=False)
     assert result.exit_code == 1
     assert "regions.numerics: cache has None" in result.output and "different config" in result.output
 
 
-def test_given_boxes_are_clipped_to_the_image_and_boxes_outside_it_refused(photo_dir, tmp_path):
+def test_given_boxes_are_clipped_to_the_image_and_boxes_outside_it_refused(photo_dir, tmp_path, extract):
     from PIL import Image
 
     _, height = Image.open(photo_dir / "things" / "coffee.jpg").size
