@@ -25,7 +25,7 @@ from shnet.pipeline.images import discover_images
 from shnet.cache.captions import read_captions
 from shnet.trainer.synthetic import write_concept_cache
 
-SMOKE = ["--profile", "smoke", "--workers", "1"]
+SMOKE = ["--profile", "smoke"]
 
 
 def shnet(*args) -> "click.testing.Result":  # noqa: F821 - the Result of CliRunner.invoke
@@ -43,11 +43,10 @@ def refused(result, *names: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def extracted(tmp_path_factory) -> Path:
+def extracted(tmp_path_factory, extract) -> Path:
     """The bundled sample images, smoke profile: stages probe, grid, saliency in 3 shards of 2."""
     cache = tmp_path_factory.mktemp("damaged") / "cache"
-    result = shnet("extract", "--sample", "-o", cache, *SMOKE, "--shard-size", 2)
-    assert result.exit_code == 0, result.output
+    extract("--sample", "-o", cache, *SMOKE, "--shard-size", 2)
     return cache
 
 
@@ -79,14 +78,14 @@ def test_done_markers_vouch_for_sizes_and_hashes(extracted):
     ],
     ids=["truncated-h5", "garbage-h5", "truncated-table", "deleted-h5", "cut-marker"],
 )
-def test_a_damaged_shard_is_named_by_verify_inspect_extract_and_train(copy, damage, expected):
+def test_a_damaged_shard_is_named_by_verify_inspect_extract_and_train(copy, damage, expected, extract):
     damage(copy)
     refused(shnet("verify", copy), f"grid shard 1: {expected}", str(copy / "grid" / "00001.done"))
     refused(shnet("verify", copy, "--quick"), f"grid shard 1: {expected}")
     inspected = shnet("inspect", copy)
     assert inspected.exit_code == 0 and "2/3 (1 unreadable)" in inspected.output and "unreadable: grid shard 1" in inspected.output
     assert "Traceback" not in inspected.output
-    output = refused(shnet("extract", "--sample", "-o", copy, *SMOKE, "--refuse-damaged"), "grid shard 1", expected)
+    output = refused(extract("--sample", "-o", copy, *SMOKE, "--refuse-damaged", ok=False), "grid shard 1", expected)
     assert "nothing to do" not in output and (copy / "grid" / "00001.done").exists()
 
 
@@ -99,30 +98,30 @@ def test_rewritten_values_are_found_by_the_hash_not_by_quick(copy):
     assert shnet("verify", copy, "--quick").exit_code == 0
 
 
-def test_extract_redoes_damaged_shards_and_keeps_the_good_ones(copy):
+def test_extract_redoes_damaged_shards_and_keeps_the_good_ones(copy, extract):
     truncate(copy / "grid" / "00001.h5")
     (copy / "saliency" / "00002.h5").unlink()
     truncate(copy / "grid" / "table" / "00002.parquet", 500)
     good = {p: p.stat().st_mtime_ns for p in copy.rglob("*") if p.is_file() and "00000" in p.name}
-    result = shnet("extract", "--sample", "-o", copy, *SMOKE)
+    result = extract("--sample", "-o", copy, *SMOKE, ok=False)
     assert result.exit_code == 0, result.output
     assert "grid shard 1 was damaged" in result.output and "saliency shard 2 was damaged" in result.output
     assert "grid shard 2 was damaged" in result.output
     assert {p: p.stat().st_mtime_ns for p in good} == good
     assert shnet("verify", copy).exit_code == 0
-    assert "nothing to do" in shnet("extract", "--sample", "-o", copy, *SMOKE).output
+    assert "nothing to do" in extract("--sample", "-o", copy, *SMOKE, ok=False).output
 
 
-def test_old_markers_without_sizes_are_checked_for_presence_only(copy):
+def test_old_markers_without_sizes_are_checked_for_presence_only(copy, extract):
     for done in copy.glob("*/*.done"):
         marker = json.loads(done.read_text())
         del marker["files"]
         done.write_text(json.dumps(marker))
     result = shnet("verify", copy)
     assert result.exit_code == 0 and "9 shard(s) have done markers of an older shnet" in result.output
-    assert "nothing to do" in shnet("extract", "--sample", "-o", copy, *SMOKE).output
+    assert "nothing to do" in extract("--sample", "-o", copy, *SMOKE, ok=False).output
     (copy / "grid" / "00002.h5").unlink()
-    refused(shnet("extract", "--sample", "-o", copy, *SMOKE, "--refuse-damaged"), "grid shard 2: 00002.h5 is missing")
+    refused(extract("--sample", "-o", copy, *SMOKE, "--refuse-damaged", ok=False), "grid shard 2: 00002.h5 is missing")
 
 
 @pytest.mark.parametrize("name", ["cache.json", "images.parquet"])
@@ -158,15 +157,15 @@ def test_control_characters_never_reach_the_terminal(copy):
     assert terminal_safe("a\nb\x9b") == "a\\nb\\x9b" and terminal_safe("a\nb\x1b", keep_newlines=True) == "a\nb\\x1b"
 
 
-def test_an_output_under_a_file_is_refused_before_any_work(extracted, tmp_path):
+def test_an_output_under_a_file_is_refused_before_any_work(extracted, tmp_path, extract):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    refused(shnet("extract", "--sample", "-o", blocker / "sub", *SMOKE), f"{blocker} is a file")
+    refused(extract("--sample", "-o", blocker / "sub", *SMOKE, ok=False), f"{blocker} is a file")
     refused(shnet("show", extracted, "--sample", 2, "-o", blocker / "x.html"), f"{blocker} is a file")
     assert blocker.read_text() == "x"
 
 
-def test_image_folders_with_odd_links_and_names(tmp_path):
+def test_image_folders_with_odd_links_and_names(tmp_path, extract):
     folder = tmp_path / "images"
     folder.mkdir()
     shutil.copy(next(Path(__file__).parent.parent.joinpath("shnet/data/samples").glob("*.jpg")), folder / "real.jpg")
@@ -177,17 +176,17 @@ def test_image_folders_with_odd_links_and_names(tmp_path):
     assert sorted(found.index) == ["dangling", "real", "self"]
     assert found.loc["dangling", "bytes"] == -1 and found.loc["self", "bytes"] == -1
     shutil.copy(folder / "real.jpg", folder / "two\nlines.jpg")
-    refused(shnet("extract", folder, "-o", tmp_path / "c", *SMOKE), "two\\nlines", "control character")
+    refused(extract(folder, "-o", tmp_path / "c", *SMOKE, ok=False), "two\\nlines", "control character")
     assert not (tmp_path / "c").exists()
 
 
-def test_weights_that_are_not_weights(extracted, tmp_path):
+def test_weights_that_are_not_weights(extracted, tmp_path, extract):
     text = tmp_path / "grid.pth"
     text.write_text("these are not weights\n")
     fifo = tmp_path / "fifo.pth"
     os.mkfifo(fifo)
     for weights, message in ((text, "not a checkpoint"), ("/dev/zero", "not a regular file"), (fifo, "not a regular file")):
-        refused(shnet("extract", "--sample", "-o", tmp_path / "c", *SMOKE, "--set", f"grid.weights={weights}"), str(weights), message)
+        refused(extract("--sample", "-o", tmp_path / "c", *SMOKE, "--set", f"grid.weights={weights}", ok=False), str(weights), message)
     refused(shnet("evaluate", text, "--cache", extracted), str(text), "not a checkpoint")
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"\x80\x02" + bytes(range(200)))
