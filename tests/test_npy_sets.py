@@ -340,14 +340,14 @@ def test_malformed_sets_get_one_clear_message(tmp_path):
     assert "not empty" in shnet("import", mixed, "-o", tmp_path / "c6", "--split", "test", ok=False).output
 
 
-def test_export_of_a_cache_made_by_extract_for_the_published_loaders(tmp_path):
+def test_export_of_a_cache_made_by_extract_for_the_published_loaders(tmp_path, extract):
     """Real `shnet extract --stages layout` (panoptic from COCO-format annotations) on generated
     scenes with a Karpathy split, exported in the split's order and imported again."""
     from shnet.demo.dataset import DatasetSettings, generate_dataset
 
     data = generate_dataset(tmp_path / "data", DatasetSettings(images=10, max_side=64, val_images=2, test_images=3))
     coco = ["--set", "panoptic.backend=coco", "--set", f"panoptic.annotations={data.panoptic_json}"]
-    shnet("extract", data.images, "-o", tmp_path / "cache", "--stages", "layout", *coco, "--workers", 1)
+    extract(data.images, "-o", tmp_path / "cache", "--stages", "layout", *coco)
     shnet("export", tmp_path / "cache", "--captions", data.captions, "--split", "test", "-o", tmp_path / "out")
 
     out = tmp_path / "out"
