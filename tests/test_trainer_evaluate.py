@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
+from ranking_reference import sorted_recalls
 
 from shnet.errors import ShnetError
 from shnet.trainer.checkpoint import load_model
@@ -143,8 +144,15 @@ def test_a_reference_checkpoint_evaluates_directly(runs, tmp_path):
         {"epoch": 3, "model": [image.state_dict(), text.state_dict()], "best_rsum": 0.0, "opt": opt, "Eiters": 9}, tmp_path / "ref.pth"
     )
     data = ["--captions", runs / "captions.csv", "--cache", runs / "cache"]
-    results = json.loads(evaluate(tmp_path / "ref.pth", "--bert-path", bert_folder, *data, "--json"))
-    assert list(results) == ["full"] and 0 <= results["full"]["rsum"] <= 600
+    results = json.loads(evaluate(tmp_path / "ref.pth", "--bert-path", bert_folder, *data, "--json", "--save-sims", tmp_path / "ref.npy"))
+    assert list(results) == ["full"]
+    sims = np.load(tmp_path / "ref.npy")
+    assert sims.shape == (TEST_IMAGES, 5 * TEST_IMAGES)
+    # the figures are those of the similarities the checkpoint produced, ranked by sorting
+    expected = sorted_recalls(sims)
+    for direction in ("i2t", "t2i"):
+        assert {k: results["full"][direction][k] for k in ("r1", "r5", "r10")} == pytest.approx(expected[direction])
+    assert results["full"]["rsum"] == pytest.approx(sum(sum(d.values()) for d in expected.values()))
     with pytest.raises(ShnetError, match="pass --bert-path"):
         evaluate(tmp_path / "ref.pth", *data)
     with pytest.raises(ShnetError, match="pass --captions FILE and --cache"):
