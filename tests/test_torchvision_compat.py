@@ -122,7 +122,10 @@ def test_import_of_torchvision_and_timm_works():
     import timm
 
     assert hasattr(torchvision.ops, "nms")
-    assert timm.create_model("resnet18", pretrained=False, num_classes=0) is not None
+    model = timm.create_model("resnet18", pretrained=False, num_classes=0).eval()
+    with torch.no_grad():
+        pooled = model(torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+    assert pooled.shape == (2, 512) and torch.isfinite(pooled).all()  # the trunk runs: pooled features, no head
 
 
 def test_nms_hand_computed():
