@@ -17,6 +17,8 @@ from __future__ import annotations
 import os
 import time
 
+from ..fileio import atomic_write_text
+
 FAIL = "SHNET_FAULT_FAIL"
 HOLD = "SHNET_FAULT_HOLD"
 
@@ -44,10 +46,6 @@ def _target(variable: str, stage: str, shard: int) -> str | None:
 
 
 def _hold_until(release: str) -> None:
-    waiting = f"{release}.waiting"
-    temporary = f"{waiting}.tmp-{os.getpid()}"
-    with open(temporary, "w") as fh:
-        fh.write(str(os.getpid()))
-    os.replace(temporary, waiting)
+    atomic_write_text(f"{release}.waiting", str(os.getpid()))
     while not os.path.exists(release):
         time.sleep(0.02)
