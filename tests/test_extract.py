@@ -240,34 +240,24 @@ def _gone(pid: int, seconds: float = 60) -> bool:
     return False
 
 
-def test_killed_run_resumes_to_an_identical_complete_cache(photo_dir, tmp_path, extract):
-    """A one-worker cluster run killed (the whole process group) while grid shard 3 is held in its
-    worker; the resumed run keeps the shards done before and matches an uninterrupted run."""
-    args = [*SMOKE, "--shard-size", 1, "--stages", "grid"]
-    reference = tmp_path / "reference"
-    with torch_threads(1):
-        extract(photo_dir, "-o", reference, *args)
-
+def test_killed_run_resumes_to_an_identical_complete_cache(mixed_cache, mixed_dir, tmp_path, extract):
+    """A one-worker cluster run killed (the whole process group) while grid shard 1 is held in its
+    worker; the resumed run keeps the shards done before, and the cache equals the in-process one."""
     cache, release = tmp_path / "killed", tmp_path / "release"
-    proc = subprocess.Popen([*SHNET, "extract", photo_dir, "-o", cache, *map(str, args), "--workers", "1"], start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, HOLD: f"grid:3:{release}"})
+    proc = subprocess.Popen([*SHNET, "extract", mixed_dir, "-o", cache, *map(str, MIXED), "--workers", "1"], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, HOLD: f"grid:1:{release}"})
     _wait_for(Path(f"{release}.waiting"), proc)
     holder = int(Path(f"{release}.waiting").read_text())
     os.killpg(proc.pid, signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL and holder != proc.pid and _gone(holder), "the run and its worker were killed"
-    done_before = {p.name: p.read_bytes() for p in (cache / "grid").glob("*.done")}
-    assert "00003.done" not in done_before and len(done_before) < 7
+    done_before = {p: p.read_bytes() for p in cache.glob("*/*.done")}
+    assert cache / "grid" / "00001.done" not in done_before and cache / "probe" / "00001.done" in done_before
 
     with torch_threads(1):
-        extract(photo_dir, "-o", cache, *args)
-    assert all((cache / "grid" / name).read_bytes() == marker for name, marker in done_before.items()), "done shards are kept"
+        extract(mixed_dir, "-o", cache, *MIXED)
+    assert all(path.read_bytes() == marker for path, marker in done_before.items()), "done shards are kept"
     assert not list(cache.rglob("*.tmp-*"))
-    table = pd.read_parquet(cache / "grid" / "table")
-    assert len(table) == 7 and table["image_id"].is_unique
-    got, want = _read_all(cache), _read_all(reference)
-    assert got.keys() == want.keys()
-    for key in want:
-        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    assert_same_cache(cache, mixed_cache[0])
     assert CliRunner().invoke(main, ["verify", str(cache)]).exit_code == 0
 
 
@@ -431,3 +421,16 @@ def test_a_failed_attempt_is_logged_and_retried(photo_dir, tmp_path, extract, mo
     assert [line.split(" (pid")[0].split(" stage ")[1] for line in text.splitlines() if line.startswith("=== ")] == [
         "grid shard 1 attempt 1/3", "grid shard 1 attempt 2/3"]
     assert text.count("faults.InjectedFault: SHNET_FAULT_FAIL") == 2 and Cache(cache).is_stage_complete("grid")
+
+
+def test_stages_describe_themselves_and_the_runner_names_none():
+    from shnet.pipeline import executors, runner, stages, worker
+    from shnet.pipeline.stages import STAGES, user_stages
+
+    assert sorted(STAGES) == ["grid", "layout", "panoptic", "probe", "regions", "saliency"]
+    assert user_stages() == sorted(set(STAGES) - {"probe"}) and STAGES["probe"].internal
+    accelerated = {name for name, stage in STAGES.items() if stage.needs_accelerator(stage.defaults)}
+    assert accelerated == {"grid", "saliency", "regions", "panoptic"}, "probe and layout never wait for a GPU slot"
+    for module in (runner, worker, executors, stages):
+        source = Path(module.__file__).read_text()
+        assert not [name for name in STAGES if f"'{name}'" in source or f'"{name}"' in source or f"{name}." in source], module
