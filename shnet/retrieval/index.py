@@ -3,7 +3,7 @@
 
 The image embeddings are clustered into ``nlist`` lists (k-means on a sample); HNSW over the list
 centroids picks a vector's or a query's lists without comparing it with every centroid (what keeps
-adding a million vectors to minutes on two cores). Each vector is kept as D/4 sub-vector codes of
+adding a million vectors to minutes on two cores). Each vector is kept as D/8 sub-vector codes of
 4 bits; a query scans the codes of its ``nprobe`` closest lists, takes the ``RERANK`` x k best, and
 these are scored exactly from the store's matrix and ranked by :func:`shnet.retrieval.topk.rank`
 (so the index never needs the vectors themselves, and the scores it returns are exact).
@@ -28,7 +28,7 @@ import numpy as np
 
 from ..errors import ShnetError
 from ..fileio import atomic_path, atomic_write_json, read_json
-from .topk import Matrix, exact_top_k, rank
+from .topk import Matrix, exact_scores, exact_top_k, rank
 from .store import EmbeddingStore
 
 INDEX_DIR = "index"
@@ -52,15 +52,18 @@ def _faiss():
 
 
 def list_count(rows: int) -> int:
-    """2 sqrt(N) lists (2000 for a million vectors, ~500 per list), fewer when there are too few
-    vectors to train them. Measured on 1M x 1024 on two cores: 4 sqrt(N) doubles the k-means time
-    (the build's largest part) for a recall the re-ranking already gives at a small nprobe."""
-    return max(1, min(round(2 * math.sqrt(rows)), rows // _MIN_POINTS_PER_LIST))
+    """sqrt(N) lists (1000 for a million vectors), fewer when there are too few vectors to train
+    them. k-means is the build's largest part and grows with lists x training vectors (40 per
+    list): on two cores 4 sqrt(N) lists alone took longer than the 3-minute budget for 1M x 1024,
+    and the exact re-ranking gives the recall at a small nprobe without finer lists."""
+    return max(1, min(round(math.sqrt(rows)), rows // _MIN_POINTS_PER_LIST))
 
 
 def subquantizers(dimension: int) -> int:
-    """Product-quantiser sub-vectors: the most that leave at least 4 dimensions each (D/4 for D = 1024)."""
-    return max(m for m in range(1, max(1, dimension // 4) + 1) if dimension % m == 0)
+    """Product-quantiser sub-vectors: the most that leave at least 8 dimensions each (D/8 for D =
+    1024). Measured: 4 dimensions each (256 codebooks) trained 15x slower for codes the re-ranking
+    does not need."""
+    return max(m for m in range(1, max(1, dimension // 8) + 1) if dimension % m == 0)
 
 
 def index_type(rows: int, dimension: int) -> str:
@@ -168,10 +171,9 @@ def reranked_search(index, matrix: Matrix, queries: np.ndarray, k: int) -> tuple
     (score descending, ties to the lower row): ([Q, k'] scores, [Q, k'] rows)."""
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     _, found = index.search(queries, min(RERANK * k, matrix.rows))
-    query, rows = np.nonzero(found >= 0)
-    rows = found[query, rows]
-    exact = (matrix.take(rows).astype(np.float64) * queries.astype(np.float64)[query]).sum(axis=1)
-    scores, rows = rank(query, exact, rows, len(queries), k)
+    query, column = np.nonzero(found >= 0)
+    rows = found[query, column]
+    scores, rows = rank(query, exact_scores(matrix, queries, query, rows), rows, len(queries), k)
     return scores.astype(np.float32), rows
 
 

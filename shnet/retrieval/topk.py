@@ -167,12 +167,20 @@ def exact_top_k(queries: np.ndarray, matrix: Matrix, k: int, exclude: np.ndarray
     query, rows, values = np.concatenate(kept_query), np.concatenate(kept_row), np.concatenate(kept_value)
     keep = values >= (kth - margin)[query]
     query, rows = query[keep], rows[keep]
-    order = np.argsort(rows, kind="stable")  # read the kept rows in file order
-    query, rows = query[order], rows[order]
-    exact = np.empty(len(rows), np.float64)
-    q64 = q32.astype(np.float64)
-    for lo in range(0, len(rows), RESCORE_ROWS):
-        part = slice(lo, lo + RESCORE_ROWS)
-        exact[part] = (matrix.take(rows[part]).astype(np.float64) * q64[query[part]]).sum(axis=1)
-    scores, rows = rank(query, exact, rows, n_queries, k)
+    scores, rows = rank(query, exact_scores(matrix, q32, query, rows), rows, n_queries, k)
     return scores.astype(np.float32), rows
+
+
+def exact_scores(matrix: Matrix, queries: np.ndarray, query: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """float64 inner products of ``queries[query[i]]`` with ``matrix`` row ``rows[i]``: each product
+    exact (float16/32 times float32), summed pairwise along one row, so a pair's score is the same
+    bits whatever else is scored with it."""
+    out = np.empty(len(rows), np.float64)
+    q64 = np.asarray(queries, dtype=np.float64)
+    order = np.lexsort((rows, query))
+    bounds = np.flatnonzero(np.diff(query[order])) + 1
+    for group in np.split(order, bounds) if len(order) else []:
+        for lo in range(0, len(group), RESCORE_ROWS):
+            part = group[lo : lo + RESCORE_ROWS]
+            out[part] = (matrix.take(rows[part]).astype(np.float64) * q64[query[part[0]]]).sum(axis=1)
+    return out
