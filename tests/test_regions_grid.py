@@ -6,9 +6,7 @@ from __future__ import annotations
 import h5py
 import numpy as np
 import torch
-from click.testing import CliRunner
 
-from shnet.cli import main
 from shnet.pipeline.models.butd.backbone import FrozenBatchNorm2d
 from shnet.pipeline.models.butd.conventions import CAFFE
 from shnet.pipeline.models.butd.detector import BUTDDetector
@@ -49,13 +47,11 @@ def test_grid_trunk_is_the_detectors_res5_over_the_whole_image(tmp_path, single_
     torch.testing.assert_close(grid, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_grid_stage_runs_the_butd_trunk(photo_dir, tmp_path):
+def test_grid_stage_runs_the_butd_trunk(photo_dir, tmp_path, extract):
     milvlg_checkpoint(tmp_path / "bua.pth")
     cache = tmp_path / "cache"
-    args = ["extract", str(photo_dir), "-o", str(cache), "--stages", "grid", "--workers", "1",
-            "--set", "grid.model=butd-r50", "--set", f"grid.weights={tmp_path / 'bua.pth'}", "--set", "grid.input_size=64"]  # fmt: skip
-    result = CliRunner().invoke(main, args, catch_exceptions=False)
-    assert result.exit_code == 0, result.output
+    extract(photo_dir, "-o", cache, "--stages", "grid",
+            "--set", "grid.model=butd-r50", "--set", f"grid.weights={tmp_path / 'bua.pth'}", "--set", "grid.input_size=64")  # fmt: skip
     with h5py.File(cache / "grid" / "00000.h5") as fh:
         grid = fh["grid"][:]
         assert fh.attrs["model"] == "butd-r50" and fh.attrs["stride"] == 16
