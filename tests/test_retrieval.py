@@ -376,3 +376,26 @@ def test_the_retrieval_modules_import_no_circle():
 
     for module in graph:
         visit(module, [])
+
+
+def test_a_text_query_builds_no_image_encoder(store, monkeypatch):
+    from shnet.retrieval.encode import encode_texts
+    from shnet.retrieval.query import encode_queries, load_text_side
+    from shnet.retrieval.search import search_text
+    from shnet.trainer.checkpoint import load_model
+    from shnet.trainer.image_encoder import ImageEncoder
+
+    record = EmbeddingStore(store).record()
+    import torch
+
+    texts = ["a dog and a cat", "a red square"]
+    whole = encode_texts(load_model(record["run"]["checkpoint"]), texts, 256, torch.device("cpu"))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a text query built the image encoder")
+
+    monkeypatch.setattr(ImageEncoder, "__init__", refuse)
+    side = load_text_side(record, torch.device("cpu"))
+    np.testing.assert_array_equal(encode_queries(side, texts, torch.device("cpu")), whole)
+    [result] = search_text(store, texts[:1], k=3, device="cpu")
+    assert len(result.hits) == 3

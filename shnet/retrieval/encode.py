@@ -83,21 +83,6 @@ def load_run(run: str | Path, device: torch.device, bert_path: str | None = None
     return checkpoint, loaded
 
 
-def verified_run(record: dict, device: torch.device, bert_path: str | None = None) -> LoadedModel:
-    """The record's run, loaded, after checking it is still the file the embeddings came from."""
-    run = record["run"]
-    checkpoint = Path(run["checkpoint"])
-    if not checkpoint.exists():
-        raise ShnetError(f"the run these embeddings came from is gone ({checkpoint}); restore it, or re-encode with another run")
-    stat = checkpoint.stat()
-    if (stat.st_size, stat.st_mtime_ns) != (run["size"], run["mtime_ns"]) and file_sha256(checkpoint) != run["sha256"]:
-        raise ShnetError(
-            f"{checkpoint} has changed since these embeddings were encoded (sha256 differs); "
-            "its queries would not match them: re-run `shnet encode` into a new -o directory"
-        )
-    return load_model(checkpoint, bert_path=bert_path, map_location=device)
-
-
 @torch.no_grad()
 def encode_texts(loaded: LoadedModel, texts: Sequence[str], batch_size: int, device: torch.device) -> np.ndarray:
     """l2-normalised text embeddings [len(texts), D] (float32) with the run's tokenizer and text encoder."""

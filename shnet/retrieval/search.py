@@ -74,13 +74,12 @@ def search_text(
     if not texts:
         raise ShnetError("give a query text, e.g. shnet search EMB \"a dog on a red sofa\"")
     from ..devices import resolve_device
-    from .encode import encode_texts, verified_run
+    from .query import encode_queries, load_text_side
 
     store = EmbeddingStore(root)
     record = store.record()
     torch_device = resolve_device(device)
-    loaded = verified_run(record, torch_device, bert_path)
-    queries = encode_texts(loaded, texts, 256, torch_device)
+    queries = encode_queries(load_text_side(record, torch_device, bert_path), list(texts), torch_device)
     scores, rows = top_k(store, "images", queries, k, method)
     return _results(store, "images", texts, scores, rows, method)
 

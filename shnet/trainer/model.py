@@ -84,15 +84,18 @@ class SHNet(nn.Module):
         return self.encode_images(batch), self.encode_texts(tokens, lengths)
 
 
+def build_text_encoder(cfg: ModelConfig) -> TextEncoder:
+    """The text side alone (what a search query needs)."""
+    if cfg.text_encoder == "bert":
+        return BertTextEncoder(build_bert(cfg.bert_config, cfg.bert_path), cfg.embed_size)
+    if cfg.vocab_size <= 0:
+        raise ShnetError("the BiGRU text encoder needs vocab_size > 0 (set it to the tokenizer's vocab_size)")
+    return BiGRUTextEncoder(cfg.vocab_size, cfg.word_dim, cfg.embed_size, cfg.text_layers)
+
+
 def build_model(cfg: ModelConfig) -> SHNet:
     img_enc = ImageEncoder(cfg.region_dim, cfg.embed_size, cfg.num_classes, cfg.seg_map_mode)
-    if cfg.text_encoder == "bert":
-        txt_enc = BertTextEncoder(build_bert(cfg.bert_config, cfg.bert_path), cfg.embed_size)
-    else:
-        if cfg.vocab_size <= 0:
-            raise ShnetError("the BiGRU text encoder needs vocab_size > 0 (set it to the tokenizer's vocab_size)")
-        txt_enc = BiGRUTextEncoder(cfg.vocab_size, cfg.word_dim, cfg.embed_size, cfg.text_layers)
-    return SHNet(img_enc, txt_enc)
+    return SHNet(img_enc, build_text_encoder(cfg))
 
 
 def config_of(model: SHNet, cfg: ModelConfig) -> ModelConfig:
