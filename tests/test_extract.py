@@ -434,3 +434,36 @@ def test_stages_describe_themselves_and_the_runner_names_none():
     for module in (runner, worker, executors, stages):
         source = Path(module.__file__).read_text()
         assert not [name for name in STAGES if f"'{name}'" in source or f'"{name}"' in source or f"{name}." in source], module
+
+
+def test_the_probe_finds_with_a_reduced_decode_what_a_full_decode_finds(mixed_dir, tmp_path):
+    """Same sizes (EXIF orientation included) and the same refusals, with the same messages."""
+    from PIL import Image
+
+    from shnet.errors import ImageDecodeError
+    from shnet.pipeline.images import decode_image
+    from shnet.pipeline.stages.probe import probe_image
+
+    rotated = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to view
+    Image.open(mixed_dir / "places" / "china.jpg").save(rotated, exif=exif)
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(rotated.read_bytes()[:-300])
+    paths = sorted(p for p in mixed_dir.rglob("*") if p.is_file()) + [rotated, cut]
+    refusals, decoded = [], 0
+    for path, max_pixels in [(p, 89_478_485) for p in paths] + [(rotated, 1000)]:
+        try:
+            rgb = decode_image(path, max_pixels=max_pixels)
+        except ImageDecodeError as exc:
+            with pytest.raises(ImageDecodeError) as probed:
+                probe_image(path, max_pixels)
+            assert str(probed.value) == str(exc)
+            refusals.append(str(exc))
+        else:
+            assert probe_image(path, max_pixels) == (rgb.shape[1], rgb.shape[0]), path
+            decoded += 1
+    assert probe_image(rotated, 89_478_485)[::-1] == Image.open(rotated).size
+    assert decoded == 8 and len(refusals) == 5
+    reasons = ("empty", "not an image", "truncated", "decompression-bomb")
+    assert [sum(reason in message for message in refusals) for reason in reasons] == [1, 1, 2, 1], refusals

@@ -1,9 +1,12 @@
-"""Stage ``probe``: decode every image once and record its upright size, or why it cannot be read.
+"""Stage ``probe``: check that every image decodes and record its upright size, or why it cannot be read.
 
 Every image stage depends on it, so whether an image is usable is decided once per cache and all
 stages agree: before a dependent stage runs on a shard, :meth:`ProbeStage.annotate_images` marks the
 images the probe could not decode, and its tables become ``images.parquet``'s width/height/status/error
 columns (:meth:`ProbeStage.image_columns`). The runner calls both hooks without knowing this stage.
+
+The image stages decode every image again at the size they need, so the probe does not pay for a
+second full decode: a JPEG is decoded at 1/8 scale (:func:`probe_image`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,20 @@ from .base import ArraySpec, ShardJob, Stage
 
 #: the columns of images.parquet the probe fills
 IMAGE_COLUMNS = ("status", "error", "width", "height")
+
+
+def probe_image(path, max_pixels: int) -> tuple[int, int]:
+    """The upright (width, height) of an image whose pixels decode; ``ImageDecodeError`` otherwise.
+
+    A JPEG is decoded at 1/8 scale: its whole entropy-coded stream is still read, so a truncated or
+    corrupt file fails as in a full decode, with the same message, for a fraction of the cost (the
+    inverse DCT and colour conversion of 1/64 of the pixels); its size then comes from the header
+    (EXIF orientation applied). Other formats are decoded in full, and the two sizes agree.
+    """
+    from ..images import decode_image, image_size
+
+    decode_image(path, max_pixels=max_pixels, draft_size=1)
+    return image_size(path)
 
 
 class ProbeStage(Stage):
@@ -47,8 +64,6 @@ class ProbeStage(Stage):
         return {"size": ArraySpec((2,), "int32", -1)}
 
     def run(self, job: ShardJob, writer: ShardWriter, model) -> pd.DataFrame:
-        from ..images import decode_image
-
         writer.create("size", (2,), "int32", -1)
         rows = []
         sizes = np.full((len(job.images), 2), -1, dtype=np.int32)
@@ -56,8 +71,7 @@ class ProbeStage(Stage):
             start = time.perf_counter()
             status, error, height, width = "ok", "", -1, -1
             try:
-                rgb = decode_image(path, max_pixels=job.config["max_pixels"])
-                height, width = rgb.shape[:2]
+                width, height = probe_image(path, job.config["max_pixels"])
             except ImageDecodeError as exc:
                 status, error = "error", str(exc)
             except Exception as exc:  # noqa: BLE001 - one odd file must never stop a shard
