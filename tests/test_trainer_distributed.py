@@ -70,15 +70,7 @@ def train_here(data: Path, *args: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def one_process(data, one_thread) -> Path:
+def one_process(data, single_torch_thread) -> Path:
     train_here(data, *train_args("one"))
     return data / "one"
 
@@ -117,7 +109,7 @@ def assert_same_run(a: Path, b: Path) -> float:
     return (vector_a - vector_b).abs().max().item()
 
 
-def test_one_step_on_two_processes_has_the_gradients_of_one_process(data, one_thread):
+def test_one_step_on_two_processes_has_the_gradients_of_one_process(data, single_torch_thread):
     import distributed_step
 
     distributed_step.main(str(data / "cache"), str(data / "captions.csv"), str(data / "one.pt"), 20)
@@ -182,7 +174,7 @@ def test_two_processes_train_what_one_process_trains(data, one_process, killed, 
     assert json.loads((one_process / "options.json").read_text())["options"]["world_size"] == 1
 
 
-def test_resume_after_a_kill_under_torchrun_with_any_number_of_processes(data, one_process, killed, resumed_on_two, one_thread):
+def test_resume_after_a_kill_under_torchrun_with_any_number_of_processes(data, one_process, killed, resumed_on_two, single_torch_thread):
     run_dir, done = killed
     assert 2 <= done < EPOCHS, f"the run was to be killed midway; it had {done} epochs"
     assert resumed_on_two.returncode == 0, resumed_on_two.stderr
