@@ -13,18 +13,27 @@ from PIL import Image
 IN_PROCESS = ["--scheduler", "in-process"]
 
 
-def run_extract_cli(*args, ok: bool = True, cluster: bool = False):
+def run_extract_cli(*args, ok: bool = True, cluster: bool = False, torch_threads: int = 1):
     """`shnet extract ARGS` through the command line, in this process (Click's runner).
 
     Its tasks run in-process (``--scheduler in-process``) unless ``cluster``: a test about the cache's
     content needs no Dask cluster, and starting one costs seconds; the tests of Dask itself (kills,
-    lost workers, an external scheduler, worker counts) pass ``cluster=True`` and their ``--workers``.
-    ``ok``: the run must succeed (exit code 0); otherwise the result is returned as it is.
+    lost workers, an external scheduler) pass ``cluster=True`` and their ``--workers``. In-process
+    tasks use ``torch_threads`` intra-op threads: one by default, since the test models are tiny and
+    on a busy machine more threads than free cores cost 5x. ``ok``: the run must succeed (exit code
+    0); otherwise the result is returned as it is.
     """
+    import torch
+
     from shnet.cli import main
 
     command = ["extract", *map(str, args), *([] if cluster else IN_PROCESS)]
-    result = CliRunner().invoke(main, command, catch_exceptions=False)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(torch_threads)
+    try:
+        result = CliRunner().invoke(main, command, catch_exceptions=False)
+    finally:
+        torch.set_num_threads(previous)
     if ok:
         assert result.exit_code == 0, result.output
     return result

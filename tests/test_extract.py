@@ -4,7 +4,6 @@ killed run resumed, a lost worker, an external scheduler, results equal whatever
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -31,26 +30,15 @@ MIXED = [*SMOKE, "--shard-size", 4, "--batch-size", 3]
 SHNET = [sys.executable, "-m", "shnet"]
 
 
-@contextlib.contextmanager
-def torch_threads(workers: int):
-    """This process's torch threads as each of ``workers`` embedded-cluster workers gets them. On a
-    CPU a convolution's float rounding depends on its thread count, so an in-process run equals a
-    cluster run bit for bit when both use the same number of threads per task."""
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(max(1, available_cores() // workers))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+# On a CPU a convolution's float rounding depends on its thread count: the in-process runs that
+# cluster runs are compared with use as many torch threads as a worker that has the machine alone.
+WORKER_THREADS = available_cores()
 
 
 @pytest.fixture(scope="module")
 def mixed_cache(mixed_dir, tmp_path_factory, extract):
     cache = tmp_path_factory.mktemp("caches") / "mixed"
-    with torch_threads(1):
-        result = extract(mixed_dir, "-o", cache, *MIXED)
+    result = extract(mixed_dir, "-o", cache, *MIXED, torch_threads=WORKER_THREADS)
     return cache, result.output
 
 
@@ -253,8 +241,7 @@ def test_killed_run_resumes_to_an_identical_complete_cache(mixed_cache, mixed_di
     done_before = {p: p.read_bytes() for p in cache.glob("*/*.done")}
     assert cache / "grid" / "00001.done" not in done_before and cache / "probe" / "00001.done" in done_before
 
-    with torch_threads(1):
-        extract(mixed_dir, "-o", cache, *MIXED)
+    extract(mixed_dir, "-o", cache, *MIXED, torch_threads=WORKER_THREADS)
     assert all(path.read_bytes() == marker for path, marker in done_before.items()), "done shards are kept"
     assert not list(cache.rglob("*.tmp-*"))
     assert_same_cache(cache, mixed_cache[0])
