@@ -417,7 +417,9 @@ def test_stages_describe_themselves_and_the_runner_names_none():
     assert sorted(STAGES) == ["grid", "layout", "panoptic", "probe", "regions", "saliency"]
     assert user_stages() == sorted(set(STAGES) - {"probe"}) and STAGES["probe"].internal
     accelerated = {name for name, stage in STAGES.items() if stage.needs_accelerator(stage.defaults)}
-    assert accelerated == {"grid", "saliency", "regions", "panoptic"}, "probe and layout never wait for a GPU slot"
+    assert accelerated == {"grid", "regions", "panoptic"}, "probe, layout and spectral saliency never wait for a GPU slot"
+    assert STAGES["saliency"].needs_accelerator({**STAGES["saliency"].defaults, "backend": "msinet"})
+    assert not STAGES["panoptic"].needs_accelerator({**STAGES["panoptic"].defaults, "backend": "coco"})
     for module in (runner, worker, executors, stages):
         source = Path(module.__file__).read_text()
         assert not [name for name in STAGES if f"'{name}'" in source or f'"{name}"' in source or f"{name}." in source], module

@@ -118,6 +118,9 @@ class PanopticStage(ImageStage):
 
             check_detectron2_model(config["model"], config["label_map"])
 
+    def needs_accelerator(self, config):
+        return config["backend"] != "coco"  # the coco backend reads annotation files, runs no model
+
     def load(self, config, device):
         backend = config["backend"]
         if backend == "hf":

@@ -53,6 +53,9 @@ class SaliencyStage(ImageStage):
     def outputs(self, config, model):
         return schema.specs(schema.SALIENCY, S=config["resolution"])
 
+    def needs_accelerator(self, config):
+        return config["backend"] != "spectral_residual"  # numpy and OpenCV on the CPU
+
     def attrs(self, config, model):
         return {"backend": config["backend"], "weights_sha256": config["weights_sha256"]}
 
