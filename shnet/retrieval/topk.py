@@ -145,15 +145,13 @@ def exact_top_k(queries: np.ndarray, matrix: Matrix, k: int, exclude: np.ndarray
             if size > k and not np.isfinite(kth).all():
                 kth = np.maximum(kth, scores.float().topk(k, dim=1).values[:, -1].double().numpy())
             floor = torch.from_numpy(kth - margin).float()
-            active = torch.nonzero(scores.amax(dim=1).float() >= floor).flatten()  # queries with a row kept here
-            if not len(active):
-                continue
-            candidates = scores[active].float()
-            mask = candidates >= floor[active, None]
+            mask = scores >= floor[:, None]
             if not torch.isfinite(floor).all():
-                mask &= candidates > -np.inf
+                mask &= scores > -np.inf
             row, column = torch.nonzero(mask, as_tuple=True)
-            query, values = active[row].numpy(), candidates[row, column].numpy()
+            if not len(row):
+                continue
+            query, values = row.numpy(), scores[row, column].float().numpy()
             kept_query.append(query)
             kept_row.append(column.numpy() + chunk.start)
             kept_value.append(values)
