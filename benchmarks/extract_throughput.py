@@ -5,9 +5,10 @@ LocalCluster, timed from the command start to its end (cluster start, model load
 writes included). The bare loop runs the same model over the same images in one process with the
 same total number of threads: decode, preprocess, batched forward; model build not timed.
 
-    python benchmarks/extract_throughput.py [--images 96] [--model resnet50] [--input-size 512]
+    python benchmarks/extract_throughput.py [--images 96] [--model resnet50] [--input-size 512] [--repeats 1]
 
-Last line: pipeline_efficiency=<pipeline img/s / bare img/s>  (goal >= 0.85 on CPU)
+Also printed: the time from the command's start to its first stored grid shard.
+Last line: pipeline_efficiency=<pipeline img/s / bare img/s>, whole wall time  (goal >= 0.9 on CPU)
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _images import write_image_set  # noqa: E402
+from _images import first_shard_seconds, write_image_set  # noqa: E402
 
 
 def bare_loop(folder: Path, model_name: str, input_size: int, batch_size: int, threads: int) -> float:
+    """Images per second of the hand-written loop (model build not timed)."""
     import numpy as np
     import torch
 
@@ -44,16 +46,18 @@ def bare_loop(folder: Path, model_name: str, input_size: int, batch_size: int, t
     return len(paths) / (time.perf_counter() - start)
 
 
-def pipeline(folder: Path, cache: Path, model_name: str, input_size: int, batch_size: int, workers: int) -> float:
+def pipeline(folder: Path, cache: Path, model_name: str, input_size: int, batch_size: int, workers: int) -> tuple[float, float]:
+    """Images per second over the whole command, and seconds to its first stored grid shard."""
     count = len(list(folder.glob("*.jpg")))
     command = [
         sys.executable, "-m", "shnet", "extract", str(folder), "-o", str(cache), "--stages", "grid",
         "--set", f"grid.model={model_name}", "--set", "grid.weights=random", "--set", f"grid.input_size={input_size}",
         "--workers", str(workers), "--batch-size", str(batch_size), "--shard-size", str(max(batch_size, count // (workers * 4))),
     ]
+    started = time.time()
     start = time.perf_counter()
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-    return count / (time.perf_counter() - start)
+    return count / (time.perf_counter() - start), first_shard_seconds(cache, "grid", started)
 
 
 def main() -> None:
@@ -63,16 +67,22 @@ def main() -> None:
     parser.add_argument("--input-size", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, default=None, help="pipeline workers (default: one per core)")
+    parser.add_argument("--repeats", type=int, default=1, help="alternate bare and pipeline runs this many times; best of each")
     args = parser.parse_args()
     cores = len(os.sched_getaffinity(0))
     workers = args.workers or cores
+    bare = piped = first = 0.0
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_image_set(Path(tmp) / "images", args.images)
-        bare = bare_loop(folder, args.model, args.input_size, args.batch_size, cores)
-        piped = pipeline(folder, Path(tmp) / "cache", args.model, args.input_size, args.batch_size, workers)
+        for repeat in range(args.repeats):
+            bare = max(bare, bare_loop(folder, args.model, args.input_size, args.batch_size, cores))
+            rate, seconds = pipeline(folder, Path(tmp) / f"cache{repeat}", args.model, args.input_size, args.batch_size, workers)
+            piped, first = max(piped, rate), min(seconds, first or seconds)
     print(f"images={args.images} model={args.model} input={args.input_size} cores={cores} pipeline_workers={workers}")
-    print(f"bare_loop_img_per_s={bare:.3f}  ({cores} torch threads, one process)")
-    print(f"pipeline_img_per_s={piped:.3f}  (whole `shnet extract --stages grid` wall time)")
+    print(f"bare_loop_img_per_s={bare:.3f}  ({cores} torch threads, one process, best of {args.repeats})")
+    print(f"pipeline_img_per_s={piped:.3f}  (whole `shnet extract --stages grid` wall time, best of {args.repeats})")
+    print(f"first_shard_s={first:.2f}  (command start to the first stored grid shard)")
+    print(f"load_average={os.getloadavg()[0]:.1f}")
     print(f"pipeline_efficiency={piped / bare:.3f}")
 
 

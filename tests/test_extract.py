@@ -23,7 +23,7 @@ from shnet.fileio import file_sha256
 from shnet.cli import main
 from shnet.cache import Cache, CacheLock
 from shnet.pipeline.executors import available_cores
-from shnet.pipeline.faults import FAIL, HOLD
+from shnet.pipeline.faults import BUILT, FAIL, HOLD
 
 SMOKE = ["--profile", "smoke", "--set", "grid.input_size=64", "--set", "saliency.resolution=32"]
 MIXED = [*SMOKE, "--shard-size", 4, "--batch-size", 3]
@@ -456,3 +456,70 @@ def test_the_probe_finds_with_a_reduced_decode_what_a_full_decode_finds(mixed_di
     assert decoded == 8 and len(refusals) == 5
     reasons = ("empty", "not an image", "truncated", "decompression-bomb")
     assert [sum(reason in message for message in refusals) for reason in reasons] == [1, 1, 2, 1], refusals
+
+
+def test_each_worker_builds_its_model_once_while_the_probe_runs(photo_dir, tmp_path):
+    """The probe's first task is held until the grid model is built: the worker built it ahead
+    (the run would otherwise wait forever, and the test fails at its deadline), once, in the worker
+    that then runs every grid shard with it."""
+    cache, release, built = tmp_path / "ahead", tmp_path / "release", tmp_path / "built"
+    built.mkdir()
+    env = {**os.environ, HOLD: f"probe:0:{release}", BUILT: str(built)}
+    proc = subprocess.Popen([*SHNET, "extract", str(photo_dir), "-o", str(cache), *SMOKE, "--workers", "1", "--shard-size", "4",
+                             "--stages", "grid"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        waiting = Path(f"{release}.waiting")
+        _wait_for(waiting, proc)
+        deadline = time.monotonic() + 240
+        while not list(built.glob("grid.*")):
+            assert time.monotonic() < deadline, "the grid model was not built while the probe was held"
+            time.sleep(0.02)
+        assert not Cache(cache).done_shards("probe"), "the probe is still held"
+        release.touch()
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, output
+    worker = int(waiting.read_text())
+    assert {p.name: p.read_text() for p in built.iterdir()} == {f"grid.{worker}": "1"}, "built once, in the worker"
+    store = Cache(cache)
+    markers = [store.done_marker("grid", s) for s in range(store.num_shards)]
+    assert {m["pid"] for m in markers} == {worker}
+    assert sorted(m["model_built"] for m in markers) == [False, True], "the first task that takes the model reports it built"
+
+
+def test_a_failed_build_ahead_is_reported_as_the_tasks_own_failed_build(photo_dir, tmp_path, extract, monkeypatch):
+    """A build ahead that fails hands its error to the first task that needs the model: that attempt
+    fails with it (one line, the traceback in the log), the next ones build again, as without it."""
+    from shnet.pipeline import runner, worker
+    from shnet.pipeline.stages import get_stage
+
+    builds = []
+
+    def failing_load(config, device):
+        builds.append(device)
+        raise RuntimeError("the weights went away")
+
+    monkeypatch.setattr(get_stage("grid"), "load", failing_load)
+    outputs, logs = [], []
+    for ahead in (False, True):
+        if ahead:
+            real = runner.run_in_process
+
+            def built_ahead_first(tasks, device):
+                models = list({t.job.stage: (t.job.stage, t.job.config) for t in tasks}.values())
+                worker.build_ahead(models, device).join()
+                return real(tasks, device)
+
+            monkeypatch.setattr(runner, "run_in_process", built_ahead_first)
+        builds.clear()
+        cache = tmp_path / f"ahead-{ahead}"
+        result = extract(photo_dir, "-o", cache, *SMOKE, "--shard-size", 4, "--stages", "grid", ok=False)
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        outputs.append(sorted(line.strip() for line in result.output.splitlines() if "grid shard" in line))
+        text = Cache.error_log_path(cache).read_text()
+        logs.append(sorted(line.split(" (pid")[0].split(" stage ")[1] for line in text.splitlines() if line.startswith("=== ")))
+        assert text.count("RuntimeError: the weights went away") == 6 and len(builds) == 6, "3 attempts per shard, one build each"
+    assert outputs[0] == outputs[1] and any("RuntimeError: the weights went away" in line for line in outputs[1]), outputs
+    assert logs[0] == logs[1]

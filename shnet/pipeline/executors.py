@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
+import threading
 import uuid
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -24,7 +26,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 from ..errors import ShnetError
 from .stages.base import ShardJob
-from .worker import clear_models, in_this_process, one_line, run_shard, setup_process
+from .worker import build_ahead, clear_models, in_this_process, one_line, run_shard, setup_process
 
 IN_PROCESS = "in-process"
 
@@ -52,13 +54,16 @@ def run_in_process(tasks: list[Task], device: str) -> Iterator[tuple[Task, dict]
             yield task, summary
 
 
-def run_on_dask(tasks: list[Task], request) -> Iterator[tuple[Task, dict]]:
-    """Submit every task to a Dask cluster (each after its needs) and yield them as they finish."""
+def run_on_dask(tasks: list[Task], request, cluster=None) -> Iterator[tuple[Task, dict]]:
+    """Submit every task to a Dask cluster (each after its needs) and yield them as they finish.
+    ``cluster``: the embedded LocalCluster already started (:class:`ClusterStart`); None: the
+    cluster at ``request.scheduler``, or a LocalCluster started now for these tasks."""
     from dask.distributed import as_completed
 
     run_token = uuid.uuid4().hex[:6]
     gpu = {"GPU": 1} if request.device == "cuda" else None
-    with dask_client(request, len(tasks)) as client:
+    models = list({task.job.stage: (task.job.stage, task.job.config) for task in tasks}.values())
+    with dask_client(request, len(tasks), models, cluster) as client:
         futures = {}
         owner = {}
         for task in tasks:
@@ -87,12 +92,14 @@ class WorkerSetup(WorkerPlugin):
 
     name = "shnet-worker-setup"
 
-    def __init__(self, torch_threads: int, device: str):
+    def __init__(self, torch_threads: int, device: str, models: list[tuple[str, dict]]):
         self.torch_threads = torch_threads
         self.device = device
+        self.models = models  # (stage, config) of the run's tasks: built ahead, while the probe runs
 
     def setup(self, worker) -> None:
         setup_process(self.torch_threads, self.device, worker.name)
+        build_ahead(self.models, self.device)
 
     def teardown(self, worker) -> None:
         clear_models()
@@ -113,10 +120,70 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def worker_count(request, num_tasks: int) -> int:
+    """The embedded cluster's worker processes: ``--workers`` or the default, never more than tasks."""
+    return max(1, min(request.workers or default_workers(request.device), num_tasks))
+
+
+def start_local_cluster(request, n_workers: int):
+    from dask.distributed import LocalCluster
+
+    return LocalCluster(
+        n_workers=n_workers,
+        threads_per_worker=request.threads_per_worker,
+        processes=True,
+        dashboard_address="127.0.0.1:0",  # None still starts one on 8787 (with a warning when taken)
+        silence_logs=logging.ERROR,
+        resources={"GPU": 1} if request.device == "cuda" else None,
+        preload=list(WORKER_PRELOAD),
+    )
+
+
+# imported by each embedded worker as it starts (in the cluster's start, off the critical path),
+# not when the first task or the setup plugin needs them
+WORKER_PRELOAD = ("torch", "cv2")
+
+
+class ClusterStart:
+    """The embedded LocalCluster started in a background thread, so that its worker processes come up
+    (interpreters, torch imported) while this process checks configs and lists images. ``num_tasks``
+    sizes it as :func:`run_on_dask` would. :meth:`get` waits for it (raising what stopped it);
+    :meth:`close` waits for the start, then shuts the cluster down."""
+
+    def __init__(self, request, num_tasks: int):
+        self._cluster = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._start, args=(request, worker_count(request, num_tasks)), name="shnet-cluster-start", daemon=True)
+        self._thread.start()
+
+    def _start(self, request, n_workers: int) -> None:
+        try:
+            self._cluster = start_local_cluster(request, n_workers)
+        except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread by get()
+            self._error = exc
+
+    def get(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._cluster
+
+    def close(self) -> None:
+        self._thread.join()
+        if self._cluster is not None:
+            self._cluster.close()
+
+
+def planned_task_count(num_images: int, num_stages: int, shard_size: int) -> int:
+    """Tasks of a new cache: every stage on every shard."""
+    return num_stages * math.ceil(num_images / shard_size)
+
+
 @contextlib.contextmanager
-def dask_client(request, num_tasks: int):
-    """A client on the embedded LocalCluster, or on the cluster at ``--scheduler``."""
-    from dask.distributed import Client, LocalCluster
+def dask_client(request, num_tasks: int, models: list[tuple[str, dict]], cluster=None):
+    """A client on the embedded LocalCluster (``cluster``, or one started now), or on the cluster at
+    ``--scheduler``, with :class:`WorkerSetup` registered: every worker builds ``models`` ahead."""
+    from dask.distributed import Client
 
     threads = request.threads_per_worker
     if request.scheduler:
@@ -131,26 +198,20 @@ def dask_client(request, num_tasks: int):
             if request.device == "cuda" and not any(w.get("resources", {}).get("GPU") for w in workers.values()):
                 raise ShnetError("--device cuda needs workers started with `--resources GPU=1` (one GPU per worker)")
             per_worker = max(1, available_cores() // max(1, threads))
-            client.register_plugin(WorkerSetup(per_worker, request.device), name=WorkerSetup.name)
+            client.register_plugin(WorkerSetup(per_worker, request.device, models), name=WorkerSetup.name)
             yield client
         finally:
             client.close()
         return
-    n_workers = request.workers or default_workers(request.device)
-    n_workers = max(1, min(n_workers, num_tasks))
-    torch_threads = max(1, available_cores() // (n_workers * threads))
-    cluster = LocalCluster(
-        n_workers=n_workers,
-        threads_per_worker=threads,
-        processes=True,
-        dashboard_address="127.0.0.1:0",  # None still starts one on 8787 (with a warning when taken)
-        silence_logs=logging.ERROR,
-        resources={"GPU": 1} if request.device == "cuda" else None,
-    )
+    owned = cluster is None
+    if owned:
+        cluster = start_local_cluster(request, worker_count(request, num_tasks))
+    torch_threads = max(1, available_cores() // (len(cluster.worker_spec) * threads))
     client = Client(cluster)
     try:
-        client.register_plugin(WorkerSetup(torch_threads, request.device), name=WorkerSetup.name)
+        client.register_plugin(WorkerSetup(torch_threads, request.device, models), name=WorkerSetup.name)
         yield client
     finally:
         client.close()
-        cluster.close()
+        if owned:
+            cluster.close()

@@ -8,6 +8,9 @@ Read from the environment of the process that runs the task (Dask workers inheri
 ``SHNET_FAULT_HOLD=STAGE:SHARD:PATH``
     before each attempt of that task, write ``PATH.waiting`` (the pid of the process holding it) and
     wait until ``PATH`` exists: a test can kill that process, or the whole run, at a known point.
+``SHNET_FAULT_BUILT=DIR``
+    after a process builds a stage's model, write ``DIR/STAGE.PID`` (how many times): a test sees when
+    and where models are built.
 
 Unset, as in every real run, each costs one environment lookup per attempt.
 """
@@ -21,6 +24,7 @@ from ..fileio import atomic_write_text
 
 FAIL = "SHNET_FAULT_FAIL"
 HOLD = "SHNET_FAULT_HOLD"
+BUILT = "SHNET_FAULT_BUILT"
 
 
 class InjectedFault(RuntimeError):
@@ -49,3 +53,11 @@ def _hold_until(release: str) -> None:
     atomic_write_text(f"{release}.waiting", str(os.getpid()))
     while not os.path.exists(release):
         time.sleep(0.02)
+
+
+def model_built(stage: str) -> None:
+    folder = os.environ.get(BUILT)
+    if folder:
+        path = os.path.join(folder, f"{stage}.{os.getpid()}")
+        count = int(open(path).read()) if os.path.exists(path) else 0
+        atomic_write_text(path, str(count + 1))

@@ -6,11 +6,16 @@ stage configs), drop stale temporaries, and run only the incomplete (stage, shar
 by shard, each stage after the stages it needs, on a Dask cluster or in this process
 (:mod:`.executors`). Results stream back as small summaries. No stage is known here by name: what
 differs between stages is what they say about themselves.
+
+Start-up is kept off the critical path (:class:`Startup`): while the configs are checked, a background
+thread lists the images and starts the embedded cluster for a new cache; each worker then builds the
+run's models while the probe runs (:func:`~shnet.pipeline.worker.build_ahead`).
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import dataclass, field, replace
 
@@ -21,7 +26,7 @@ from ..errors import CacheError, ShnetError
 from ..fileio import atomic_write_parquet, writable_destination
 from .images import checked_roots, discover_images
 from .profiles import apply_overrides, load_profile
-from .executors import IN_PROCESS, Task, run_in_process, run_on_dask
+from .executors import IN_PROCESS, ClusterStart, Task, planned_task_count, run_in_process, run_on_dask
 from .stages import STAGES, all_stages, get_stage, user_stages, with_dependencies
 from .stages.base import ShardJob
 from ..cache.store import (
@@ -109,17 +114,69 @@ def check_request(request: ExtractRequest) -> None:
 
 def resolve_configs(request: ExtractRequest) -> tuple[list[str], dict[str, dict]]:
     """The stages to run (with their needs) and each one's checked config."""
+    stages, options = requested_stages(request)
+    return stages, checked_configs(stages, options)
+
+
+def requested_stages(request: ExtractRequest) -> tuple[list[str], dict]:
+    """The stages to run (with their needs) and the options given for them (profile + ``--set``)."""
     profile = load_profile(request.profile)
     options = apply_overrides(profile["stages"], request.overrides)
     unknown = sorted(set(options) - set(STAGES))
     if unknown:
         raise ShnetError(f"unknown stage(s) in profile/--set: {', '.join(unknown)}; available stages: {', '.join(user_stages())}")
     requested = request.stages or [name for name in profile["stages"] if name in user_stages()]
-    stages = with_dependencies(requested)
+    return with_dependencies(requested), options
+
+
+def checked_configs(stages: list[str], options: dict) -> dict[str, dict]:
+    """Each stage's config resolved and checked (weights read and hashed, label maps, folders)."""
     configs = {name: get_stage(name).resolve_config(options.get(name) or {}) for name in stages}
     for name in stages:
         get_stage(name).check(configs[name])
-    return stages, configs
+    return configs
+
+
+class Startup:
+    """What an extract prepares before its first task, off the critical path: in a background thread,
+    the images are listed and, for a new cache on an embedded cluster, the LocalCluster is started
+    (sized by the planned task count), while this process checks the stage configs. A cache that
+    already exists gets its cluster only once the run knows it has work to do there (a finished cache
+    starts none). Errors keep their order: a config error first, then an image-listing one."""
+
+    def __init__(self, request: ExtractRequest, stages: list[str], root: str):
+        self._request = request
+        self._images: pd.DataFrame | None = None
+        self._error: BaseException | None = None
+        self._cluster: ClusterStart | None = None
+        self._listed = threading.Thread(target=self._list_and_start, args=(stages, root), name="shnet-startup", daemon=True)
+        self._listed.start()
+
+    def _list_and_start(self, stages: list[str], root: str) -> None:
+        try:
+            self._images = discover_images(self._request.image_dirs)
+        except BaseException as exc:  # noqa: BLE001 - raised in the run's thread by images()
+            self._error = exc
+            return
+        if self._request.scheduler is None and not os.path.exists(os.path.join(root, CACHE_RECORD)):
+            shard_size = self._request.shard_size or DEFAULT_SHARD_SIZE
+            self._cluster = ClusterStart(self._request, planned_task_count(len(self._images), len(stages), shard_size))
+
+    def images(self) -> pd.DataFrame:
+        self._listed.join()
+        if self._error is not None:
+            raise self._error
+        return self._images
+
+    def cluster(self):
+        """The LocalCluster started ahead (waiting for its start), or None: start one when needed."""
+        self._listed.join()
+        return self._cluster.get() if self._cluster is not None else None
+
+    def close(self) -> None:
+        self._listed.join()
+        if self._cluster is not None:
+            self._cluster.close()
 
 
 def open_or_create_cache(root: str, images: pd.DataFrame, image_dirs: list[str], shard_size: int | None) -> Cache:
@@ -178,46 +235,54 @@ def run_extract(request: ExtractRequest, display=None) -> ExtractReport:
     check_request(request)
     request = replace(request, device=extract_device(request.device, local=request.scheduler in (None, IN_PROCESS)))
     checked_roots(request.image_dirs)
-    stages, configs = resolve_configs(request)
-    images = discover_images(request.image_dirs)
+    stages, options = requested_stages(request)
     root = os.path.abspath(os.path.expanduser(request.cache))
-    done = finished_cache(root, images, request, stages, configs)
-    if done is not None:
-        return ExtractReport(
-            cache=str(done.root),
-            stages=stages,
-            tallies={name: StageTally(shards_total=done.num_shards, shards_skipped=done.num_shards) for name in stages},
-            num_images=len(images),
-            failed_images=int((done.images()["status"] == "error").sum()),
-            wall_seconds=time.perf_counter() - started,
-            nothing_to_do=True,
-        )
-    with CacheLock(root):
-        cache = open_or_create_cache(root, images, [os.path.abspath(d) for d in request.image_dirs], request.shard_size)
-        for name in stages:
-            record_stage_config(cache, name, configs[name], get_stage(name).location_keys)
-        cache.remove_stale_temporaries()
-        redone = reopen_damaged_shards(cache, stages, request.refuse_damaged)
-        planned = plan_shards(images, cache.shard_size)
-        tallies = {name: StageTally(shards_total=cache.num_shards) for name in stages}
-        pending = []
-        for shard in range(cache.num_shards):
+    startup = Startup(request, stages, root)
+    try:
+        configs = checked_configs(stages, options)
+        images = startup.images()
+        done = finished_cache(root, images, request, stages, configs)
+        if done is not None:
+            return ExtractReport(
+                cache=str(done.root),
+                stages=stages,
+                tallies={name: StageTally(shards_total=done.num_shards, shards_skipped=done.num_shards) for name in stages},
+                num_images=len(images),
+                failed_images=int((done.images()["status"] == "error").sum()),
+                wall_seconds=time.perf_counter() - started,
+                nothing_to_do=True,
+            )
+        with CacheLock(root):
+            cache = open_or_create_cache(root, images, [os.path.abspath(d) for d in request.image_dirs], request.shard_size)
             for name in stages:
-                if cache.is_done(name, shard):
-                    tallies[name].shards_skipped += 1
+                record_stage_config(cache, name, configs[name], get_stage(name).location_keys)
+            cache.remove_stale_temporaries()
+            redone = reopen_damaged_shards(cache, stages, request.refuse_damaged)
+            planned = plan_shards(images, cache.shard_size)
+            tallies = {name: StageTally(shards_total=cache.num_shards) for name in stages}
+            pending = []
+            for shard in range(cache.num_shards):
+                for name in stages:
+                    if cache.is_done(name, shard):
+                        tallies[name].shards_skipped += 1
+                    else:
+                        pending.append((name, shard))
+            if pending:
+                display.start(stages, {name: _images_in(planned, cache, name) for name in stages}, tallies)
+                tasks = _tasks(request, cache, planned, configs, pending)
+                if request.scheduler == IN_PROCESS:
+                    results = run_in_process(tasks, request.device)
                 else:
-                    pending.append((name, shard))
-        if pending:
-            display.start(stages, {name: _images_in(planned, cache, name) for name in stages}, tallies)
-            tasks = _tasks(request, cache, planned, configs, pending)
-            results = run_in_process(tasks, request.device) if request.scheduler == IN_PROCESS else run_on_dask(tasks, request)
-            try:
-                for task, summary in results:
-                    _tally(tallies[task.job.stage], task, summary, display)
-            finally:
-                display.stop()
-        _write_images_table(cache, planned)
-        failed_images = int((cache.images()["status"] == "error").sum())
+                    results = run_on_dask(tasks, request, startup.cluster())
+                try:
+                    for task, summary in results:
+                        _tally(tallies[task.job.stage], task, summary, display)
+                finally:
+                    display.stop()
+            _write_images_table(cache, planned)
+            failed_images = int((cache.images()["status"] == "error").sum())
+    finally:
+        startup.close()
     return ExtractReport(
         cache=str(cache.root),
         stages=stages,

@@ -21,7 +21,10 @@ from .stages.base import ShardJob
 from ..cache.store import Cache, ShardWriter, config_hash
 
 _MODELS: dict[tuple, object] = {}
-_MODELS_LOCK = threading.Lock()
+_MODELS_LOCK = threading.Lock()  # guards the three tables below
+_BUILD_LOCK = threading.Lock()  # one build at a time per process: random inits seed torch's global generator
+_BUILT_AHEAD: set[tuple] = set()  # built before any task asked: the first task that takes one reports it built
+_AHEAD_ERRORS: dict[tuple, Exception] = {}  # a build ahead that failed: raised to the first task that asks
 _WORKER_DEVICE: dict[str, str] = {}
 
 
@@ -68,6 +71,8 @@ def in_this_process(device: str):
 def clear_models() -> None:
     with _MODELS_LOCK:
         _MODELS.clear()
+        _BUILT_AHEAD.clear()
+        _AHEAD_ERRORS.clear()
 
 
 _M_MMAP_THRESHOLD = -3
@@ -93,14 +98,72 @@ def worker_device(requested: str) -> str:
 
 
 def cached_model(stage_name: str, config: dict, device: str):
-    """The stage's model for this process, built on first use. Returns (model, built_now)."""
+    """The stage's model for this process, built on first use (or taken from :func:`build_ahead`).
+    Returns (model, built_now): ``built_now`` is true for the first task of this process that takes a
+    model it built, whether it built it itself or the build ahead did."""
     key = (stage_name, config_hash(config), device)
+    found = _take(key)
+    if found is not None:
+        return found
+    with _BUILD_LOCK:
+        found = _take(key)  # the build ahead may have finished it while this task waited
+        if found is not None:
+            return found
+        model = _build(stage_name, config, device)
+        with _MODELS_LOCK:
+            _MODELS[key] = model
+    return model, model is not None
+
+
+def _take(key: tuple) -> tuple | None:
+    """(model, built_now) when the model is here; raises the error of a build ahead that failed (once:
+    the task's next attempt builds again, as it would have without the build ahead)."""
     with _MODELS_LOCK:
         if key in _MODELS:
-            return _MODELS[key], False
-        model = get_stage(stage_name).load(config, device)
-        _MODELS[key] = model
-        return model, model is not None
+            built = key in _BUILT_AHEAD
+            _BUILT_AHEAD.discard(key)
+            return _MODELS[key], built
+        error = _AHEAD_ERRORS.pop(key, None)
+    if error is not None:
+        raise error
+    return None
+
+
+def _build(stage_name: str, config: dict, device: str):
+    model = get_stage(stage_name).load(config, device)
+    if model is not None:
+        faults.model_built(stage_name)
+    return model
+
+
+def build_ahead(models: list[tuple[str, dict]], device: str) -> threading.Thread:
+    """Build the ``(stage, config)`` models in a background thread of this process, one after the
+    other, while its first tasks (the probe) run, so that the first task of each stage finds its
+    model built. A build that fails is kept for the first task that asks, which reports it exactly as
+    its own failed build (one line, the traceback in the error log)."""
+
+    def build_all() -> None:
+        for stage_name, config in models:
+            key = (stage_name, config_hash(config), worker_device(device))
+            with _BUILD_LOCK:
+                with _MODELS_LOCK:
+                    if key in _MODELS:
+                        continue
+                    _AHEAD_ERRORS.pop(key, None)
+                try:
+                    model = _build(stage_name, config, key[2])
+                except Exception as exc:  # noqa: BLE001 - handed to the task that needs this model
+                    with _MODELS_LOCK:
+                        _AHEAD_ERRORS[key] = exc
+                    continue
+                with _MODELS_LOCK:
+                    _MODELS[key] = model
+                    if model is not None:
+                        _BUILT_AHEAD.add(key)
+
+    thread = threading.Thread(target=build_all, name="shnet-build-ahead", daemon=True)
+    thread.start()
+    return thread
 
 
 def run_shard(job: ShardJob, *dependencies) -> dict:
