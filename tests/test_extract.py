@@ -125,6 +125,20 @@ def test_rerun_of_a_finished_cache_does_nothing(mixed_cache, mixed_dir, extract)
     assert _snapshot(cache) == before, "a finished cache re-run must not touch a single file"
 
 
+def test_a_finished_cache_starts_no_cluster(mixed_cache, mixed_dir, extract, monkeypatch):
+    """Without --scheduler in-process: the cluster is started early only for a new cache."""
+    from shnet.pipeline import executors
+
+    def no_cluster(*args, **kwargs):
+        raise AssertionError("a cluster was started for a finished cache")
+
+    monkeypatch.setattr(executors, "start_local_cluster", no_cluster)
+    cache, _ = mixed_cache
+    before = _snapshot(cache)
+    result = extract(mixed_dir, "-o", cache, *SMOKE, cluster=True)
+    assert "nothing to do" in result.output and _snapshot(cache) == before
+
+
 def test_rerun_with_another_config_is_refused(mixed_cache, mixed_dir):
     cache, _ = mixed_cache
     record = (cache / "cache.json").read_text()

@@ -158,11 +158,12 @@ class Startup:
         except BaseException as exc:  # noqa: BLE001 - raised in the run's thread by images()
             self._error = exc
             return
-        if self._request.scheduler is None and not os.path.exists(os.path.join(root, CACHE_RECORD)):
+        if self._request.scheduler is None and _new_cache_at(root):
             shard_size = self._request.shard_size or DEFAULT_SHARD_SIZE
             self._cluster = ClusterStart(self._request, planned_task_count(len(self._images), len(stages), shard_size))
 
     def images(self) -> pd.DataFrame:
+        """The images found (raising what stopped the listing)."""
         self._listed.join()
         if self._error is not None:
             raise self._error
@@ -177,6 +178,12 @@ class Startup:
         self._listed.join()
         if self._cluster is not None:
             self._cluster.close()
+
+
+def _new_cache_at(root: str) -> bool:
+    """Whether ``root`` is free for a new cache (absent, or empty but for a lock file): a run there has
+    every (stage, shard) to do."""
+    return not os.path.isdir(root) or all(entry.name == LOCK_FILE for entry in os.scandir(root))
 
 
 def open_or_create_cache(root: str, images: pd.DataFrame, image_dirs: list[str], shard_size: int | None) -> Cache:

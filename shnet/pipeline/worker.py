@@ -1,5 +1,6 @@
 """What runs where the tasks run (a Dask worker process, or the extract's own process with
-``--scheduler in-process``): the process setup, the per-process model cache, the shard task.
+``--scheduler in-process``): the process setup, the per-process model cache (on a cluster, filled
+ahead by :func:`build_ahead` while the probe runs), the shard task.
 
 Nothing here knows a stage by name: a stage's needs annotate its images through their
 ``annotate_images`` hook before it runs."""
