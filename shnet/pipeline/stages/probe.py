@@ -16,9 +16,10 @@ import time
 import numpy as np
 import pandas as pd
 
-from ...errors import ImageDecodeError, ShnetError
+from ...cache import schema
 from ...cache.store import ShardWriter
-from .base import ArraySpec, ShardJob, Stage
+from ...errors import ImageDecodeError, ShnetError
+from .base import ShardJob, Stage
 
 
 #: the columns of images.parquet the probe fills
@@ -40,7 +41,7 @@ def probe_image(path, max_pixels: int) -> tuple[int, int]:
 
 
 class ProbeStage(Stage):
-    name = "probe"
+    name = schema.PROBE
     requires = ()
     internal = True
     defaults = {"max_pixels": 89_478_485}
@@ -61,12 +62,13 @@ class ProbeStage(Stage):
         return pd.concat(tables, ignore_index=True).set_index("image_id")
 
     def outputs(self, config, model):
-        return {"size": ArraySpec((2,), "int32", -1)}
+        return schema.specs(schema.PROBE)
 
     def run(self, job: ShardJob, writer: ShardWriter, model) -> pd.DataFrame:
-        writer.create("size", (2,), "int32", -1)
+        for name, spec in self.outputs(job.config, model).items():
+            writer.create(name, spec.shape, spec.dtype, spec.fill)
         rows = []
-        sizes = np.full((len(job.images), 2), -1, dtype=np.int32)
+        sizes = schema.filled(schema.PROBE, len(job.images))[schema.SIZE]
         for i, (row, path) in enumerate(zip(job.images["row"], job.images["path"])):
             start = time.perf_counter()
             status, error, height, width = "ok", "", -1, -1
@@ -79,7 +81,7 @@ class ProbeStage(Stage):
             sizes[i] = (height, width)
             rows.append((row, status, error, time.perf_counter() - start, width, height))
         order = np.argsort(job.images["row"].to_numpy())
-        writer.write("size", job.images["row"].to_numpy()[order], sizes[order])
+        writer.write(schema.SIZE, job.images["row"].to_numpy()[order], sizes[order])
         table = pd.DataFrame(rows, columns=["row", "status", "error", "seconds", "width", "height"])
         table.insert(0, "image_id", job.images["image_id"].to_numpy())
         return table
