@@ -112,12 +112,6 @@ def check_request(request: ExtractRequest) -> None:
     writable_destination(request.cache, "the cache")
 
 
-def resolve_configs(request: ExtractRequest) -> tuple[list[str], dict[str, dict]]:
-    """The stages to run (with their needs) and each one's checked config."""
-    stages, options = requested_stages(request)
-    return stages, checked_configs(stages, options)
-
-
 def requested_stages(request: ExtractRequest) -> tuple[list[str], dict]:
     """The stages to run (with their needs) and the options given for them (profile + ``--set``)."""
     profile = load_profile(request.profile)
