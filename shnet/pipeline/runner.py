@@ -1,9 +1,9 @@
 """``shnet extract``: plan the cache, then run one task per (stage, shard) that is not done yet.
 
 Order of work: resolve stage configs (every option checked before the cache is touched or a task
-runs) while the images are listed, take the cache lock, create or check the cache record (same images, same shard size, same
-stage configs), drop stale temporaries, and run only the incomplete (stage, shard) pairs, shard
-by shard, each stage after the stages it needs, on a Dask cluster or in this process
+runs) while the images are listed, take the cache lock, create or check the cache record (same
+images, same shard size, same stage configs), drop stale temporaries, and run only the incomplete
+(stage, shard) pairs, shard by shard, each stage after the stages it needs, on a Dask cluster or in this process
 (:mod:`.executors`). Results stream back as small summaries. No stage is known here by name: what
 differs between stages is what they say about themselves.
 
