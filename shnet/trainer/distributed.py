@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
+import time
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -47,6 +49,19 @@ class World:
     @property
     def distributed(self) -> bool:
         return self.size > 1
+
+
+#: how long a rank other than 0 waits for the launcher to stop it after an error every rank found
+LEAVE_TO_RANK_ZERO_SECONDS = 30
+
+
+def leave_to_rank_zero() -> None:
+    """On an error every rank finds alike (e.g. a batch that does not split), rank 0 says why and the
+    other ranks exit quietly. They first wait for the launcher to stop them: a rank that exited at once
+    could make torchrun stop rank 0 before its message is printed. Bounded, for launchers that do not
+    stop the others (srun without ``--kill-on-bad-exit``)."""
+    time.sleep(LEAVE_TO_RANK_ZERO_SECONDS)
+    sys.exit(1)
 
 
 def world_from_environment(env: Mapping[str, str] = os.environ) -> World:

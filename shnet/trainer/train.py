@@ -188,7 +188,7 @@ def train(options: TrainOptions, resume: bool = False, explicit: set[str] | None
     world = distributed.world_from_environment()
     if options.batch_size % world.size:
         if not world.is_main:
-            sys.exit(1)  # rank 0 says why
+            distributed.leave_to_rank_zero()
         raise ShnetError(
             f"--batch-size {options.batch_size} is the global batch and does not split evenly over {world.size} processes; "
             f"give a multiple of {world.size}"
