@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from shnet.cache import Cache, write_stage
 from shnet.npy_sets.exporter import ExportRequest, export_split
-from shnet.cache.store import atomic_write_parquet
+from shnet.fileio import atomic_write_parquet
 from shnet.cli import main
 from shnet.errors import ShnetError
 from shnet.fileio import terminal_safe

@@ -16,7 +16,8 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from shnet.cache import Cache, atomic_write_parquet
+from shnet.cache import Cache
+from shnet.fileio import atomic_write_parquet
 from shnet.cli import main
 from shnet.errors import ShnetError
 from shnet.retrieval.encode import EncodeRequest, encode

@@ -14,7 +14,8 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from shnet.cache import Cache, ShardWriter, atomic_write_parquet, write_stage
+from shnet.cache import Cache, ShardWriter, write_stage
+from shnet.fileio import atomic_write_parquet
 from shnet.cache.store import record_stage_config
 from shnet.cli import main
 from shnet.data import coco_panoptic_categories

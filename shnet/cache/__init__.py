@@ -13,8 +13,6 @@ from .store import (
     Cache,
     CacheLock,
     ShardWriter,
-    atomic_write_json,
-    atomic_write_parquet,
     create_cache,
     write_stage,
 )
@@ -27,8 +25,6 @@ __all__ = [
     "Cache",
     "CacheLock",
     "ShardWriter",
-    "atomic_write_json",
-    "atomic_write_parquet",
     "create_cache",
     "write_stage",
     "write_stage_chunks",
