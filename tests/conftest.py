@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,16 @@ from click.testing import CliRunner
 from PIL import Image
 
 IN_PROCESS = ["--scheduler", "in-process"]
+
+
+def pytest_configure(config):
+    """In each pytest-xdist worker, torch's intra-op threads are that worker's share of the cores, so
+    that the workers together never run more threads than there are cores."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        import torch
+
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(workers)))
 
 
 def run_extract_cli(*args, ok: bool = True, cluster: bool = False, torch_threads: int = 1):
