@@ -82,7 +82,7 @@ def test_unknown_profile_names_what_was_looked_for(tmp_path, monkeypatch):
 def test_extract_in_a_folder_named_like_the_profile(tmp_path):
     (tmp_path / "smoke").mkdir()
     result = subprocess.run(
-        [sys.executable, "-m", "shnet", "extract", "--sample", "--profile", "smoke", "--stages", "saliency", "-o", "smoke", "--workers", "1"],
+        [sys.executable, "-m", "shnet", "extract", "--sample", "--profile", "smoke", "--stages", "saliency", "-o", "smoke", "--scheduler", "in-process"],
         cwd=tmp_path, capture_output=True, text=True,
     )
     assert result.returncode == 0, result.stderr
@@ -118,7 +118,7 @@ def _modules_after(args: list[str], cwd: Path) -> list[str]:
 def small_cache(tmp_path_factory):
     root = tmp_path_factory.mktemp("front")
     subprocess.run(
-        [sys.executable, "-m", "shnet", "extract", "--sample", "--profile", "smoke", "--stages", "saliency", "-o", "cache", "--workers", "1"],
+        [sys.executable, "-m", "shnet", "extract", "--sample", "--profile", "smoke", "--stages", "saliency", "-o", "cache", "--scheduler", "in-process"],
         cwd=root, check=True, capture_output=True,
     )
     return root
