@@ -23,7 +23,8 @@ from shnet.errors import ShnetError
 from shnet.retrieval.encode import EncodeRequest, encode
 from shnet.retrieval.search import search_image
 from shnet.retrieval.store import FORMAT, FORMAT_VERSION, EmbeddingStore
-from shnet.retrieval.topk import Matrix, bfloat16_bits, exact_top_k, rank
+from shnet.retrieval.bfloat16 import bfloat16_bits
+from shnet.retrieval.topk import Matrix, exact_top_k, rank
 from shnet.trainer.synthetic import write_concept_cache
 from shnet.trainer.train import TrainOptions, train
 
@@ -268,12 +269,14 @@ def test_each_shard_has_its_matrix_and_search_reads_it(store):
         assert matrix.dtype == np.dtype("<f4") and matrix.shape == (10 if shard < 4 else 8, 32)
         np.testing.assert_array_equal(matrix, np.stack(frame["embedding"].iloc[shard * 10 : shard * 10 + len(matrix)]))
         done = json.loads((store / "done" / "images" / f"{shard:05d}.done").read_text())
-        assert set(done["files"]) == {f"matrices/images/{shard:05d}.npy", f"screens/images/{shard:05d}.npy", f"images/{shard:05d}.parquet"}
+        assert set(done["files"]) == {
+            f"matrices/images/{shard:05d}.npy", f"screens/images/{shard:05d}.npy", f"projections/images/{shard:05d}.npy", f"images/{shard:05d}.parquet", "bases/images.npy"
+        }
         assert done["rows"] == len(matrix)
         screen = np.load(store / "screens" / "images" / f"{shard:05d}.npy")
         assert screen.dtype == np.dtype("<u2") and (screen == bfloat16_bits(matrix)).all()
     matrix = store_.matrix("images")
-    assert all(isinstance(block, np.memmap) for block in matrix.blocks + matrix.screens)
+    assert all(isinstance(block, np.memmap) for block in matrix.blocks + matrix.screens + [p.columns for p in matrix.projected])
     assert store_.matrix("captions").rows == 240
 
 

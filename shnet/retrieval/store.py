@@ -8,10 +8,15 @@ Layout of one store directory (``shnet encode RUN --cache CACHE -o EMB``)::
     images/00000.parquet       image_id, path, embedding (fixed_size_list<float32|float16>[D])
     matrices/images/00000.npy  the same embeddings as a raw little-endian [rows, D] matrix of the
                                store's dtype (memory-mapped by search: no Parquet list decoding)
-    screens/images/00000.npy   the same rows rounded to bfloat16 (uint16 bits), what exact search
-                               screens with before it rescores the few candidates from the matrix
-    done/images/00000.done     written last: rows, dimension, largest row norm, and the bytes and
-                               sha256 of the three files above
+    screens/images/00000.npy   the same rows rounded to bfloat16 (uint16 bits): exact search's full
+                               screen
+    projections/images/00000.npy  the rows on the part's basis, bfloat16 bits [rows, r + 1], the last
+                               column an upper bound on what the projection misses: exact search's
+                               projected screen (see :mod:`shnet.retrieval.projection`)
+    bases/images.npy           the part's basis, float32 [r, D]: learnt from the first shard written,
+                               then kept (a resumed encode and every later shard use it)
+    done/images/00000.done     written last: rows, dimension, largest row norm, the projection's
+                               bounds, and the bytes and sha256 of the four files above and the basis
     captions/00000.parquet     caption_id, image, image_id, split, caption, embedding (and its
                                matrices/, screens/ and done/ files)
     index/images.faiss         the approximate index (``--index``) and index/index.json, its record
@@ -19,11 +24,12 @@ Layout of one store directory (``shnet encode RUN --cache CACHE -o EMB``)::
 
 A shard's files are written under temporary names and renamed into place, its done record last; a
 shard counts as done only when its done record is readable and both files match it (sizes, Parquet
-signature, each ``.npy`` header's dtype and shape), so a cut or rewritten file is redone by the next
-encode and named by search. Read a part as one frame with ``pd.read_parquet("EMB/images")`` (the
+signature, each ``.npy`` header's dtype and shape, the basis's sha256), so a cut or rewritten file is
+redone by the next encode and named by search. Read a part as one frame with ``pd.read_parquet("EMB/images")`` (the
 part's folder holds its Parquet tables only).
 Stores of format 1 (Parquet only, before the ``.npy`` matrices) are refused with the command that
-re-encodes them.
+re-encodes them. Shards of format 2 written before the projections (their done records name none)
+are searched with the full screen only.
 """
 
 from __future__ import annotations
@@ -37,8 +43,10 @@ import pyarrow.parquet as pq
 
 from ..cache.store import file_problem, shard_stem, vouch
 from ..errors import ShnetError
-from ..fileio import DirectoryLock, atomic_open, atomic_write_json, atomic_write_parquet, read_json, reading, remove_stale_temporaries
-from .topk import Chunk, Matrix, bfloat16_bits
+from ..fileio import DirectoryLock, atomic_open, atomic_write_json, atomic_write_parquet, content_sha256, read_json, reading, remove_stale_temporaries
+from .bfloat16 import bfloat16_bits
+from .projection import Projected, basis_of, project, rank_for
+from .topk import Chunk, Matrix
 
 FORMAT = "shnet-embeddings"
 FORMAT_VERSION = 2
@@ -50,8 +58,8 @@ _ARROW_TYPES = {"float32": pa.float32(), "float16": pa.float16()}
 # row groups of 32768 rows let a reader stream a shard without holding all of it.
 SHARD_WRITE_OPTIONS = {"compression": "none", "use_dictionary": False, "row_group_size": 32768}
 REDO = "re-run the same `shnet encode` command to redo it"
-_FOLDERS = {"table": "", "matrix": "matrices", "screen": "screens", "done": "done"}
-_SUFFIXES = {"table": ".parquet", "matrix": ".npy", "screen": ".npy", "done": ".done"}
+_FOLDERS = {"table": "", "matrix": "matrices", "screen": "screens", "projection": "projections", "done": "done"}
+_SUFFIXES = {"table": ".parquet", "matrix": ".npy", "screen": ".npy", "projection": ".npy", "done": ".done"}
 
 
 def embedding_column(embeddings: np.ndarray, dtype: str) -> pa.FixedSizeListArray:
@@ -133,8 +141,23 @@ class EmbeddingStore:
 
     # --- shards -------------------------------------------------------------------------------
     def shard_path(self, part: str, shard: int, kind: str = "table") -> Path:
-        """A shard's ``table`` (Parquet), ``matrix`` or ``screen`` (``.npy``) or ``done`` record."""
+        """A shard's ``table`` (Parquet), ``matrix``, ``screen`` or ``projection`` (``.npy``) or ``done`` record."""
         return self.root / _FOLDERS[kind] / part / f"{shard_stem(shard)}{_SUFFIXES[kind]}"
+
+    def basis_path(self, part: str) -> Path:
+        return self.root / "bases" / f"{part}.npy"
+
+    def _basis_for(self, part: str, embeddings: np.ndarray) -> np.ndarray:
+        """The part's basis: the one on disk when whole, else learnt from ``embeddings`` and written."""
+        path = self.basis_path(part)
+        shape = (rank_for(embeddings.shape[1]), embeddings.shape[1])
+        if path.is_file() and npy_problem(path, {"rows": shape[0], "dimension": shape[1], "dtype": "float32"}) is None:
+            return np.load(path, allow_pickle=False)
+        basis = basis_of(embeddings)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_open(path) as fh:
+            np.lib.format.write_array(fh, basis, allow_pickle=False)
+        return basis
 
     def _key(self, path: Path) -> str:
         return path.relative_to(self.root).as_posix()
@@ -145,11 +168,12 @@ class EmbeddingStore:
         matrix = np.ascontiguousarray(embeddings, dtype=np.dtype(dtype).newbyteorder("<"))
         if matrix.ndim != 2 or len(matrix) != table.num_rows:
             raise ValueError(f"{matrix.shape} embeddings for a table of {table.num_rows} rows")
-        done, npy, screen, parquet = (self.shard_path(part, shard, kind) for kind in ("done", "matrix", "screen", "table"))
-        for path in (done, npy, screen, parquet):
+        done, npy, screen, projection, parquet = (self.shard_path(part, shard, kind) for kind in ("done", "matrix", "screen", "projection", "table"))
+        for path in (done, npy, screen, projection, parquet):
             path.parent.mkdir(parents=True, exist_ok=True)
         done.unlink(missing_ok=True)
-        for path, values in ((npy, matrix), (screen, bfloat16_bits(matrix))):
+        projected = project(matrix, self._basis_for(part, matrix))
+        for path, values in ((npy, matrix), (screen, bfloat16_bits(matrix)), (projection, projected.columns)):
             with atomic_open(path) as fh:
                 np.lib.format.write_array(fh, values, allow_pickle=False)
         atomic_write_parquet(parquet, table.append_column("embedding", embedding_column(matrix, dtype)), **SHARD_WRITE_OPTIONS)
@@ -161,7 +185,8 @@ class EmbeddingStore:
                 "dimension": int(matrix.shape[1]),
                 "dtype": dtype,
                 "max_norm": float(norms.max()) if len(norms) else 0.0,
-                "files": {self._key(path): vouch(path) for path in (npy, screen, parquet)},
+                "projection": {"rank": projected.columns.shape[1] - 1, "sigma": projected.sigma, "max_norm": projected.max_norm},
+                "files": {self._key(path): vouch(path) for path in (npy, screen, projection, parquet, self.basis_path(part))},
             },
         )
 
@@ -180,10 +205,19 @@ class EmbeddingStore:
         if any(self._key(path) not in files for path in (npy, screen, parquet)):
             return f"{done} does not vouch for the shard's three files; {REDO}"
         shape = {k: record[k] for k in ("rows", "dimension")}
-        for path, dtype in ((npy, record["dtype"]), (screen, "uint16")):
-            problem = npy_problem(path, {**files[self._key(path)], **shape, "dtype": dtype})
+        checks = [(npy, record["dtype"], shape), (screen, "uint16", shape)]
+        if "projection" in record:  # shards written before the projections have none
+            projection, basis = self.shard_path(part, shard, "projection"), self.basis_path(part)
+            if any(self._key(path) not in files for path in (projection, basis)):
+                return f"{done} does not vouch for the shard's projection and the basis; {REDO}"
+            rank = record["projection"]["rank"]
+            checks += [(projection, "uint16", {"rows": record["rows"], "dimension": rank + 1}), (basis, "float32", {"rows": rank, "dimension": record["dimension"]})]
+        for path, dtype, dims in checks:
+            problem = npy_problem(path, {**files[self._key(path)], **dims, "dtype": dtype})
             if problem is not None:
                 return f"{path} {problem}; {REDO}"
+        if "projection" in record and content_sha256(basis) != files[self._key(basis)]["sha256"]:
+            return f"{basis} is not the basis {done} was projected on (sha256 differs: rewritten since); {REDO}"
         problem = file_problem(parquet, files[self._key(parquet)])
         return None if problem is None else f"{parquet} {problem}; {REDO}"
 
@@ -211,14 +245,22 @@ class EmbeddingStore:
         """The part's embeddings as one :class:`Matrix` over its shards' memory-mapped matrices and
         screens (nothing read until used; never unpickled)."""
         entry = self.complete_part(part)
-        blocks, screens, max_norm = [], [], 0.0
+        blocks, screens, projected, basis, max_norm = [], [], [], None, 0.0
         for shard in range(entry["shards"]):
             for path, out in ((self.shard_path(part, shard, "matrix"), blocks), (self.shard_path(part, shard, "screen"), screens)):
-                with self.reading_shard(path):
-                    out.append(np.load(path, mmap_mode="r", allow_pickle=False))
+                out.append(self._load(path))
             done = read_json(self.shard_path(part, shard, "done"), "a shard's done record", REDO)
             max_norm = max(max_norm, float(done["max_norm"]))
-        return Matrix(blocks, max_norm, screens)
+            bounds = done.get("projection")
+            if bounds is not None and basis is None:
+                basis = np.array(self._load(self.basis_path(part)))
+            columns = self._load(self.shard_path(part, shard, "projection")) if bounds is not None else None
+            projected.append(Projected(columns, bounds["sigma"], bounds["max_norm"]) if bounds is not None else None)
+        return Matrix(blocks, max_norm, screens, projected, basis)
+
+    def _load(self, path: Path) -> np.ndarray:
+        with self.reading_shard(path):
+            return np.load(path, mmap_mode="r", allow_pickle=False)
 
     def chunks(self, part: str, rows: int = 65536) -> Iterator[Chunk]:
         """The part's embeddings in order, at most ``rows`` at a time (memory-mapped views)."""
