@@ -165,6 +165,59 @@ def test_second_writer_is_refused_by_the_lock(photo_dir, tmp_path):
     assert not (cache / "cache.json").exists()
 
 
+# a worker preload that stays in the cluster's start for ten minutes, after naming its process
+STARTING = "SHNET_TEST_STARTING"
+SLOW_PRELOAD = f"import os, pathlib, time\npathlib.Path(os.environ['{STARTING}'], str(os.getpid())).touch()\ntime.sleep(600)\n"
+
+
+@pytest.mark.parametrize("stop", ["refused", "interrupted"])
+def test_an_extract_stopped_before_its_first_task_kills_the_workers_still_starting(photo_dir, tmp_path, monkeypatch, stop):
+    """The embedded cluster of a new cache starts while the run is checked. A run refused (here by the
+    lock) or interrupted (Ctrl-C) once its workers are starting neither waits for them nor leaves them."""
+    from shnet.pipeline import executors, runner
+
+    starting, cache = tmp_path / "starting", tmp_path / "cache"
+    starting.mkdir()
+    (tmp_path / "slow_preload.py").write_text(SLOW_PRELOAD)
+    monkeypatch.setenv(STARTING, str(starting))
+    monkeypatch.setattr(executors, "WORKER_PRELOAD", (str(tmp_path / "slow_preload.py"),))
+    stopped_at = []
+
+    def lock_once_a_worker_is_starting(root):
+        deadline = time.monotonic() + 240
+        while not any(starting.iterdir()):
+            assert time.monotonic() < deadline, "no worker process started"
+            time.sleep(0.05)
+        stopped_at.append(time.monotonic())
+        if stop == "interrupted":
+            raise KeyboardInterrupt
+        return CacheLock(root)
+
+    monkeypatch.setattr(runner, "CacheLock", lock_once_a_worker_is_starting)
+    with CacheLock(cache):
+        result = CliRunner().invoke(main, ["extract", str(photo_dir), "-o", str(cache), *SMOKE])
+    waited = time.monotonic() - stopped_at[0]
+    expected = "being written by another `shnet extract`" if stop == "refused" else "interrupted"
+    assert result.exit_code == (1 if stop == "refused" else 130) and expected in result.output, result.output
+    assert waited < 30, f"the run waited {waited:.0f} s for workers it never used"
+    assert all(_gone(int(worker.name), 10) for worker in starting.iterdir()), "a starting worker was left running"
+    assert not _worker_processes() and not (cache / "cache.json").exists()
+
+
+def _worker_processes() -> list[int]:
+    """This process's descendants started by multiprocessing's spawn (Dask workers), still running."""
+    import psutil
+
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE and "spawn_main" in " ".join(child.cmdline()):
+                found.append(child.pid)
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
 def test_bad_inputs_get_one_clear_message(tmp_path, photo_dir):
     runner = CliRunner()
     result = runner.invoke(main, ["extract", str(tmp_path / "nope"), "-o", str(tmp_path / "c")])

@@ -13,15 +13,18 @@ task at all (e.g. its workers kept dying).
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import math
 import os
-import threading
+import signal
 import uuid
 from dataclasses import dataclass, field
 from typing import Iterator
 
+from distributed.core import Status
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from ..errors import ShnetError
@@ -145,33 +148,49 @@ WORKER_PRELOAD = ("torch", "cv2")
 
 
 class ClusterStart:
-    """The embedded LocalCluster started in a background thread, so that its worker processes come up
-    (interpreters, torch imported) while this process checks configs and lists images. ``num_tasks``
-    sizes it as :func:`run_on_dask` would. :meth:`get` waits for it (raising what stopped it);
-    :meth:`close` waits for the start, then shuts the cluster down."""
+    """The embedded LocalCluster started ahead, so that its worker processes come up (interpreters,
+    torch imported) while this process checks configs and lists images. ``num_tasks`` sizes it as
+    :func:`run_on_dask` would. The scheduler starts here (no worker: milliseconds); the workers start
+    in the cluster's own event loop. :meth:`get` waits for them (raising what stopped them) and hands
+    the cluster over; :meth:`close` shuts it down, and a cluster never handed over (an extract refused
+    or interrupted before its first task) has its still-starting worker processes killed instead of
+    waited for."""
 
     def __init__(self, request, num_tasks: int):
-        self._cluster = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._start, args=(request, worker_count(request, num_tasks)), name="shnet-cluster-start", daemon=True)
-        self._thread.start()
-
-    def _start(self, request, n_workers: int) -> None:
-        try:
-            self._cluster = start_local_cluster(request, n_workers)
-        except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread by get()
-            self._error = exc
+        self._cluster = start_local_cluster(request, 0)
+        for _ in range(worker_count(request, num_tasks)):
+            self._cluster.worker_spec.update(self._cluster.new_worker_spec())
+        # awaiting a SpecCluster starts the workers its spec names (scale() would too, but a failed
+        # start would then only be logged by the loop, not raised to get())
+        self._workers = asyncio.run_coroutine_threadsafe(_started(self._cluster), self._cluster.loop.asyncio_loop)
+        self._handed_over = False
 
     def get(self):
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
+        self._workers.result()
+        self._handed_over = True
         return self._cluster
 
     def close(self) -> None:
-        self._thread.join()
-        if self._cluster is not None:
-            self._cluster.close()
+        if not self._handed_over:
+            asyncio.run_coroutine_threadsafe(_abort_start(self._cluster, self._workers), self._cluster.loop.asyncio_loop).result()
+        self._cluster.close()
+
+
+async def _started(cluster) -> None:
+    await cluster
+
+
+async def _abort_start(cluster, workers: concurrent.futures.Future) -> None:
+    """Kill the cluster's worker processes that have not yet joined it, until its start is over
+    (each kill fails that worker's start at once; its nanny does not restart it). Runs in the
+    cluster's loop, where the nannies live; workers that did join are left to the cluster's close."""
+    while not workers.done():
+        for nanny in list(cluster._created):  # every worker (nanny) the cluster made, started or not
+            process = nanny.process  # its WorkerProcess: None until instantiated, pid None until spawned
+            if process is not None and process.status == Status.starting and process.pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signal.SIGKILL)
+        await asyncio.sleep(0.05)
 
 
 def planned_task_count(num_images: int, num_stages: int, shard_size: int) -> int:

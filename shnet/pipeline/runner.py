@@ -136,13 +136,18 @@ class Startup:
     the images are listed and, for a new cache on an embedded cluster, the LocalCluster is started
     (sized by the planned task count), while this process checks the stage configs. A cache that
     already exists gets its cluster only once the run knows it has work to do there (a finished cache
-    starts none). Errors keep their order: a config error first, then an image-listing one."""
+    starts none). Errors keep their order: a config error first, then an image-listing one. An extract
+    refused before its first task does not wait for any of it: :meth:`close` leaves the listing to
+    end on its own (no cluster is started after it) and kills the workers still starting."""
 
     def __init__(self, request: ExtractRequest, stages: list[str], root: str):
         self._request = request
         self._images: pd.DataFrame | None = None
         self._error: BaseException | None = None
         self._cluster: ClusterStart | None = None
+        self._cluster_error: BaseException | None = None
+        self._closing = threading.Lock()  # taken to start the cluster, and by close(): never both
+        self._closed = False
         self._listed = threading.Thread(target=self._list_and_start, args=(stages, root), name="shnet-startup", daemon=True)
         self._listed.start()
 
@@ -152,9 +157,14 @@ class Startup:
         except BaseException as exc:  # noqa: BLE001 - raised in the run's thread by images()
             self._error = exc
             return
-        if self._request.scheduler is None and _new_cache_at(root):
+        with self._closing:
+            if self._closed or self._request.scheduler is not None or not _new_cache_at(root):
+                return
             shard_size = self._request.shard_size or DEFAULT_SHARD_SIZE
-            self._cluster = ClusterStart(self._request, planned_task_count(len(self._images), len(stages), shard_size))
+            try:
+                self._cluster = ClusterStart(self._request, planned_task_count(len(self._images), len(stages), shard_size))
+            except BaseException as exc:  # noqa: BLE001 - raised in the run's thread by cluster()
+                self._cluster_error = exc
 
     def images(self) -> pd.DataFrame:
         """The images found (raising what stopped the listing)."""
@@ -164,14 +174,18 @@ class Startup:
         return self._images
 
     def cluster(self):
-        """The LocalCluster started ahead (waiting for its start), or None: start one when needed."""
+        """The LocalCluster started ahead (waiting for its workers), or None: start one when needed."""
         self._listed.join()
+        if self._cluster_error is not None:
+            raise self._cluster_error
         return self._cluster.get() if self._cluster is not None else None
 
     def close(self) -> None:
-        self._listed.join()
-        if self._cluster is not None:
-            self._cluster.close()
+        with self._closing:
+            self._closed = True
+            cluster = self._cluster
+        if cluster is not None:
+            cluster.close()
 
 
 def _new_cache_at(root: str) -> bool:
