@@ -123,6 +123,90 @@ def test_an_image_where_nothing_is_found_gets_an_all_void_map(model_dir, photo_d
     assert (semantic[:h, :w] != VOID).all() and (semantic[h:] == VOID).all() and (semantic[:, w:] == VOID).all()
 
 
+def smooth_class_volume(rng, shape: tuple[int, int], regions: int = 12) -> np.ndarray:
+    """[133, h, w] class probabilities with a few regions, each led by one class (so most pixels'
+    neighbours share their most probable class and some, at region borders, do not)."""
+    h, w = shape
+    centres = rng.random((regions, 2)) * [h, w]
+    owner = np.argmin(((np.indices(shape).reshape(2, -1).T[:, None] - centres) ** 2).sum(-1), 1).reshape(shape)
+    volume = rng.random((133, h, w)).astype(np.float32) * 0.5
+    classes = rng.choice(133, regions, replace=False)
+    volume[classes[owner], *np.indices(shape)] += 0.5
+    return volume
+
+
+@pytest.mark.parametrize("volume_hw, full_hw, resolution, sampling", [((96, 128), (480, 640), 320, "opencv"), ((40, 31), (150, 113), 96, "centre"), ((25, 6), (1000, 70), 512, "opencv")])
+def test_most_probable_class_equals_the_dense_bilinear_blend_at_every_stored_pixel(volume_hw, full_hw, resolution, sampling):
+    """The shortcut (pixels whose four volume samples agree take their class) and the blend at the
+    other pixels equal the straightforward computation: the whole volume blended in float64 with
+    dense interpolation matrices, then the argmax; only float ties (top two within 1e-5) may differ."""
+    rng = np.random.default_rng(sum(volume_hw))
+    volume = smooth_class_volume(rng, volume_hw)
+    height, width = full_hw
+    stored_h, stored_w = segmaps.stored_shape(height, width, resolution)
+
+    def dense(source, full, stored):
+        taps = segmaps.bilinear_taps(source, full, segmaps.stored_sample_indices(full, stored, sampling))
+        matrix = np.zeros((stored, source))
+        np.add.at(matrix, (np.arange(stored), taps.low), taps.low_weight)
+        np.add.at(matrix, (np.arange(stored), taps.high), taps.high_weight)
+        return matrix
+
+    blended = np.einsum("ry,cyx,sx->crs", dense(volume_hw[0], height, stored_h), volume.astype(np.float64), dense(volume_hw[1], width, stored_w), optimize=True)
+    expected = blended.argmax(0)
+    np.put_along_axis(runner_up := blended.copy(), expected[None], -np.inf, 0)
+    clear = blended.max(0) - runner_up.max(0) > 1e-5
+    for layout in (volume, np.moveaxis(np.ascontiguousarray(np.moveaxis(volume, 0, -1)), -1, 0)):  # as given, and a view of class-last memory
+        got = segmaps.stored_most_probable(layout, full_hw, resolution, sampling)
+        assert got.shape == (stored_h, stored_w) and got.dtype == np.uint8
+        np.testing.assert_array_equal(got[clear], expected[clear])
+    leading = np.unique(volume.argmax(0))
+    # most stored pixels lie inside a region, where the shortcut applies; at borders, blends make other classes win
+    assert clear.mean() > 0.99 and 0.5 < np.isin(expected, leading).mean() < 1
+
+
+def test_coco_classes_sum_model_classes_in_the_order_of_np_add_at():
+    import torch
+
+    from shnet.pipeline.models.panoptic_hf import _coco_classes
+
+    rng = np.random.default_rng(3)
+    lut = rng.integers(0, 133, 150).astype(np.uint8)  # several model classes per COCO class
+    lut[rng.random(150) < 0.2] = VOID
+    values = rng.random((150, 5, 4)).astype(np.float32)
+    expected = np.zeros((133, 5, 4), np.float32)
+    np.add.at(expected, lut[lut != VOID], values[lut != VOID])
+    np.testing.assert_array_equal(_coco_classes(lut, torch.from_numpy(values), 0).numpy(), expected)
+    np.testing.assert_array_equal(_coco_classes(lut, torch.from_numpy(np.moveaxis(values, 0, -1).copy()), 2).numpy(), np.moveaxis(expected, 0, -1))
+
+
+def test_probability_volumes_equal_the_library_semantic_combination():
+    """Pooled probabilities exactly as before (queries' class probabilities times the pooled sigmoid
+    masks, model classes summed per COCO class), and the per-pixel volume equal to that combination
+    at every pixel up to float rounding, though it sums classes before weighting and is class-last."""
+    import torch
+    import torch.nn.functional as F
+
+    from shnet.pipeline.models.panoptic_hf import _probabilities
+
+    rng = np.random.default_rng(4)
+    lut = np.concatenate([np.arange(133), rng.integers(0, 133, 20)]).astype(np.uint8)
+    lut[[3, 140]] = VOID
+    class_logits = torch.from_numpy(rng.normal(size=(30, 154)).astype(np.float32))
+    masks = torch.from_numpy(rng.normal(size=(30, 24, 20)).astype(np.float32) * 3)
+    pooled, per_pixel = _probabilities(lut, class_logits, masks)
+
+    def straightforward(mask_probs):
+        model = torch.einsum("qc,qhw->chw", class_logits.softmax(-1)[:, :-1], mask_probs).numpy()
+        out = np.zeros((133, *model.shape[1:]), np.float32)
+        np.add.at(out, lut[lut != VOID], model[lut != VOID])
+        return out
+
+    np.testing.assert_array_equal(pooled, straightforward(F.adaptive_avg_pool2d(masks.sigmoid()[None], 7)[0]))
+    assert per_pixel.shape == (133, 24, 20) and np.moveaxis(per_pixel, 0, -1).flags.c_contiguous
+    np.testing.assert_allclose(per_pixel, straightforward(masks.sigmoid()), rtol=1e-5, atol=1e-7)
+
+
 def test_oneformer_folder_runs_offline_with_its_tokenizer_and_is_refused_without(photo_dir, tmp_path):
     from shnet.pipeline.images import decode_image
     from shnet.pipeline.models.panoptic_hf import infer, preprocess

@@ -127,26 +127,50 @@ def stored_most_probable(class_probs: np.ndarray, full_hw: tuple[int, int], reso
     """The most probable class at each stored pixel, from a per-pixel class probability volume
     [133, h, w] that covers the whole image at the backend's resolution: the volume is sampled
     bilinearly (half-pixel centres, edges clamped, as ``F.interpolate(..., "bilinear")``) at the
-    full-resolution pixels the stored map reads, then the argmax over classes is taken."""
+    full-resolution pixels the stored map reads, then the argmax over classes is taken.
+
+    Bilinear weights are non-negative, so where the (up to) four volume pixels a stored pixel reads
+    all have the same most probable class, that class is the most probable one of their blend too:
+    such pixels take it directly, and the class vectors are blended (rows, then columns) only at the
+    others, the pixels near a change of class."""
     height, width = full_hw
     stored_h, stored_w = stored_shape(height, width, resolution)
-    rows = bilinear_weights(class_probs.shape[1], height, stored_sample_indices(height, stored_h, sampling))
-    cols = bilinear_weights(class_probs.shape[2], width, stored_sample_indices(width, stored_w, sampling))
-    sampled = np.einsum("ry,cyx,sx->crs", rows, class_probs.astype(np.float32), cols, optimize=True)
-    return sampled.argmax(0).astype(np.uint8)
+    rows = bilinear_taps(class_probs.shape[1], height, stored_sample_indices(height, stored_h, sampling))
+    cols = bilinear_taps(class_probs.shape[2], width, stored_sample_indices(width, stored_w, sampling))
+    volume = np.ascontiguousarray(np.moveaxis(class_probs, 0, -1), dtype=np.float32)  # [h, w, classes]
+    best = volume.argmax(-1)
+    top, bottom, left, right = rows.low[:, None], rows.high[:, None], cols.low[None, :], cols.high[None, :]
+    out = best[top, left]
+    mixed_y, mixed_x = np.nonzero((best[top, right] != out) | (best[bottom, left] != out) | (best[bottom, right] != out))
+    for start in range(0, len(mixed_y), BLEND_CHUNK):
+        y, x = mixed_y[start : start + BLEND_CHUNK], mixed_x[start : start + BLEND_CHUNK]
+        upper, lower = rows.low_weight[y, None], rows.high_weight[y, None]
+        at_left = volume[rows.low[y], cols.low[x]] * upper + volume[rows.high[y], cols.low[x]] * lower
+        at_right = volume[rows.low[y], cols.high[x]] * upper + volume[rows.high[y], cols.high[x]] * lower
+        out[y, x] = (at_left * cols.low_weight[x, None] + at_right * cols.high_weight[x, None]).argmax(-1)
+    return out.astype(np.uint8)
 
 
-def bilinear_weights(source: int, full: int, positions: np.ndarray) -> np.ndarray:
-    """[len(positions), source]: linear interpolation weights of an axis of ``source`` samples that
-    spans ``full`` pixels, at the centres of full-resolution pixels ``positions``."""
+BLEND_CHUNK = 16384  # stored pixels blended at once (bounds the temporaries at large resolutions)
+
+
+@dataclass
+class BilinearTaps:
+    """Along one axis: the two source samples each position reads and their weights (float32)."""
+
+    low: np.ndarray
+    high: np.ndarray
+    low_weight: np.ndarray
+    high_weight: np.ndarray
+
+
+def bilinear_taps(source: int, full: int, positions: np.ndarray) -> BilinearTaps:
+    """Linear interpolation of an axis of ``source`` samples that spans ``full`` pixels, at the
+    centres of full-resolution pixels ``positions``."""
     coords = np.clip((positions.astype(np.float64) + 0.5) * source / full - 0.5, 0, source - 1)
     low = np.floor(coords).astype(np.int64)
-    high = np.minimum(low + 1, source - 1)
     frac = coords - low
-    weights = np.zeros((len(positions), source), dtype=np.float32)
-    np.add.at(weights, (np.arange(len(positions)), low), 1 - frac)
-    np.add.at(weights, (np.arange(len(positions)), high), frac)
-    return weights
+    return BilinearTaps(low, np.minimum(low + 1, source - 1), (1 - frac).astype(np.float32), frac.astype(np.float32))
 
 
 def fill_void(class_map: np.ndarray, most_probable: np.ndarray | None = None) -> np.ndarray:

@@ -7,7 +7,8 @@ and the library's ``post_process_panoptic_segmentation`` (stuff classes fused) s
 masks to its full resolution without any padding to shift them. The per-class probability volume is the
 library's semantic combination (softmax class scores of the queries, no-object dropped, times
 sigmoid masks) averaged per 7x7 cell of the valid area: since that combination is linear in the
-masks, the masks are average-pooled first, which is exact and cheap.
+masks, the masks are average-pooled first, which is exact and cheap. Post-processing runs where the
+model ran: only the segment-id map and the two probability volumes come back to the CPU.
 """
 
 from __future__ import annotations
@@ -148,8 +149,8 @@ def infer(bundle: HFPanoptic, prepared: list, options: dict, device: str) -> lis
             inputs["task_inputs"] = bundle.task_inputs.expand(len(members), -1).to(device)
         with torch.inference_mode():
             out = bundle.model(**inputs)
-        class_logits = out.class_queries_logits.float().cpu()
-        mask_logits = out.masks_queries_logits.float().cpu()
+        class_logits = out.class_queries_logits.float()  # left on the device: post-processing runs there too
+        mask_logits = out.masks_queries_logits.float()
         for j, i in enumerate(members):
             results[i] = _one_image(bundle, class_logits[j : j + 1], mask_logits[j : j + 1], prepared[i][1], options)
     return results
@@ -169,31 +170,37 @@ def _one_image(bundle: HFPanoptic, class_logits: torch.Tensor, masks: torch.Tens
     class_map, segments = segments_from_id_map(processed["segmentation"].cpu().numpy(), classes)
     for segment in segments:
         segment["score"] = float(info[segment["segment"]]["score"])
-    return PanopticResult(
-        class_map=class_map,
-        segments=segments,
-        probs=_pooled_probabilities(bundle.lut, class_logits[0], masks[0]),
-        class_probs=_pixel_probabilities(bundle.lut, class_logits[0], masks[0]),
-    )
+    probs, class_probs = _probabilities(bundle.lut, class_logits[0], masks[0])
+    return PanopticResult(class_map=class_map, segments=segments, probs=probs, class_probs=class_probs)
 
 
-def _pixel_probabilities(lut: np.ndarray, class_logits: torch.Tensor, masks: torch.Tensor) -> np.ndarray:
-    """[133,h,w] at the mask resolution: each query's class probabilities weighted by its mask
-    probability (transformers' semantic post-processing), model classes summed into COCO classes."""
+def _probabilities(lut: np.ndarray, class_logits: torch.Tensor, masks: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """[133,7,7] and [133,h,w]: each query's class probabilities weighted by its mask probability
+    (transformers' semantic post-processing), model classes summed into COCO classes; averaged per
+    7x7 cell (the masks pooled first: the volume is linear in them), and per pixel at the mask
+    resolution. The per-pixel volume (only compared across classes, never stored) sums the queries'
+    class probabilities into COCO classes before weighting them, and is computed classes-last: the
+    [133,h,w] array is a view of [h,w,133] memory, the layout in which
+    :func:`~shnet.pipeline.segmaps.stored_most_probable` compares classes."""
     class_probs = class_logits.softmax(-1)[:, :-1]
-    return _coco_classes(lut, torch.einsum("qc,qhw->chw", class_probs, masks.sigmoid()).numpy())
+    mask_probs = masks.sigmoid()
+    pooled = _coco_classes(lut, torch.einsum("qc,qhw->chw", class_probs, F.adaptive_avg_pool2d(mask_probs[None], SEG_CELLS)[0]), 0)
+    per_pixel = (mask_probs.flatten(1).T @ _coco_classes(lut, class_probs, 1)).reshape(*masks.shape[1:], NUM_CLASSES)
+    return pooled.cpu().numpy(), np.moveaxis(per_pixel.cpu().numpy(), -1, 0)
 
 
-def _pooled_probabilities(lut: np.ndarray, class_logits: torch.Tensor, masks: torch.Tensor) -> np.ndarray:
-    """[133,7,7]: per-pixel class probabilities averaged per cell, model classes summed into COCO classes."""
-    class_probs = class_logits.softmax(-1)[:, :-1]
-    pooled_masks = F.adaptive_avg_pool2d(masks.sigmoid()[None], SEG_CELLS)[0]
-    return _coco_classes(lut, torch.einsum("qc,qhw->chw", class_probs, pooled_masks).numpy())
-
-
-def _coco_classes(lut: np.ndarray, model_probs: np.ndarray) -> np.ndarray:
-    """[133, ...]: a model's per-class volume with its classes summed into the COCO classes they map to."""
-    out = np.zeros((NUM_CLASSES, *model_probs.shape[1:]), dtype=np.float32)
-    known = lut[: model_probs.shape[0]] != VOID
-    np.add.at(out, lut[: model_probs.shape[0]][known], model_probs[known])
+def _coco_classes(lut: np.ndarray, model_probs: torch.Tensor, dim: int) -> torch.Tensor:
+    """``model_probs`` with its model classes (along ``dim``) summed into the COCO classes they map
+    to, in model-class order (as ``np.add.at``), vectorised: round k adds the k-th model class of
+    every COCO class at once, so a one-to-one label set takes one round."""
+    shape = list(model_probs.shape)
+    shape[dim] = NUM_CLASSES
+    out = model_probs.new_zeros(shape)
+    targets = lut[: model_probs.shape[dim]].astype(np.int64)
+    remaining = np.flatnonzero(targets != VOID)
+    while remaining.size:
+        _, first = np.unique(targets[remaining], return_index=True)
+        taken = remaining[first]
+        out.index_add_(dim, torch.from_numpy(targets[taken]).to(out.device), model_probs.index_select(dim, torch.from_numpy(taken).to(out.device)))
+        remaining = np.delete(remaining, first)
     return out
