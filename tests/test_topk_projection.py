@@ -220,3 +220,18 @@ def test_a_shard_written_before_projections_is_searched_in_full(tmp_path):
     queries = rows[::50].astype(np.float32)
     assert (exact_top_k(queries, matrix, 8, counts=counts)[1] == _reference(queries, rows, 8)).all()
     assert counts["full"] >= len(queries)
+
+
+def test_candidates_pruned_by_their_bounds_rank_as_all_rescored():
+    rng = np.random.default_rng(6)
+    rows = _structured(900, 64, rng)
+    rows[600:650] = rows[:50]  # ties
+    whole = Matrix([rows[:400], rows[400:]])
+    mixed = Matrix(whole.blocks, whole.max_norm, whole.screens, [whole.projected[0], None], whole.basis)
+    queries = np.concatenate([rows[:6].astype(np.float32), rng.standard_normal((2, 64)).astype(np.float32)])
+    pairs = [(q, r) for q in range(len(queries)) for r in np.sort(rng.choice(len(rows), 300, replace=False))]
+    query, candidates = (np.array(v, np.int64) for v in zip(*pairs))
+    expected = topk.rank(query, exact_scores(whole, queries, query, candidates), candidates, len(queries), 10)
+    for matrix in (whole, mixed):
+        scores, found = topk.candidate_top_k(queries, matrix, query, candidates, 10)
+        assert (found == expected[1]).all() and (scores == expected[0]).all()

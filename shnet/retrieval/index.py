@@ -34,7 +34,7 @@ import numpy as np
 
 from ..errors import ShnetError
 from ..fileio import atomic_path, atomic_write_json, read_json
-from .topk import Matrix, exact_scores, exact_top_k, rank
+from .topk import Matrix, candidate_top_k, exact_top_k
 from .store import EmbeddingStore
 
 INDEX_DIR = "index"
@@ -173,8 +173,7 @@ def reranked_search(index, matrix: Matrix, queries: np.ndarray, k: int) -> tuple
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     _, found = index.search(queries, min(RERANK * k, matrix.rows))
     query, column = np.nonzero(found >= 0)
-    rows = found[query, column]
-    scores, rows = rank(query, exact_scores(matrix, queries, query, rows), rows, len(queries), k)
+    scores, rows = candidate_top_k(queries, matrix, query, found[query, column], k)
     return scores.astype(np.float32), rows
 
 

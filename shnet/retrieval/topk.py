@@ -96,19 +96,21 @@ class Matrix:
             for lo in range(0, len(values), rows):
                 yield block, lo, min(lo + rows, len(values))
 
-    def take(self, rows: np.ndarray) -> np.ndarray:
-        """The given global rows (any order, repeats allowed), in their stored dtype."""
+    def take(self, rows: np.ndarray, screens: bool = False) -> np.ndarray:
+        """The given global rows (any order, repeats allowed), in their stored dtype (their
+        ``screens`` instead: bfloat16 bits)."""
         rows = np.asarray(rows, dtype=np.int64)
         if len(rows) and (rows.min() < 0 or rows.max() >= self.rows):
             raise IndexError(f"rows outside 0..{self.rows - 1}")
-        dtype = self.blocks[0].dtype if self.blocks else np.float32
+        source = self.screens if screens else self.blocks
+        dtype = source[0].dtype if source else np.float32
         out = np.empty((len(rows), self.dimension), dtype=dtype)
         block_of = np.searchsorted(self.starts, rows, side="right") - 1
         for b in np.unique(block_of):
             at = np.flatnonzero(block_of == b)
             local = rows[at] - self.starts[b]
             order = np.argsort(local, kind="stable")
-            out[at[order]] = self.blocks[b][local[order]]
+            out[at[order]] = source[b][local[order]]
         return out
 
 
@@ -164,6 +166,12 @@ def _float32_down(values: np.ndarray) -> np.ndarray:
     return out
 
 
+def _projected_lower(screened: np.ndarray, half: np.ndarray, residual: np.ndarray, rho_bits: np.ndarray) -> np.ndarray:
+    """Lower bounds from projected scores: the upper bound's ``half`` below, and twice the
+    query's residual bound times the row's (see :mod:`shnet.retrieval.projection`)."""
+    return screened - half - 2 * residual * bfloat16_values(rho_bits).astype(np.float64)
+
+
 def _bfloat16_tensor(bits: np.ndarray):
     import torch
 
@@ -213,15 +221,11 @@ def exact_top_k(
                 if len(dropped):
                     scores[:, dropped] = -np.inf
                 half = screen_error(columns.shape[1]) * side.spread * projected.max_norm * 1.001 + side.reach * projected.sigma + slack
-
-                def lower(query, column, values):
-                    rho = bfloat16_values(columns[column, -1]).astype(np.float64)
-                    return values - half[query] - 2 * side.residual[query] * rho
-
                 if size > k and not np.isfinite(floor.kth).all():
                     top, at = scores.float().topk(k, dim=1)
                     query = np.repeat(np.arange(n_queries), k)
-                    floor.raise_to(lower(query, at.numpy().ravel(), top.double().numpy().ravel()).reshape(n_queries, k).min(axis=1))
+                    lower = _projected_lower(top.double().numpy().ravel(), half[query], side.residual[query], columns[at.numpy().ravel(), -1])
+                    floor.raise_to(lower.reshape(n_queries, k).min(axis=1))
                 mask = scores >= torch.from_numpy(_float32_down(floor.kth - half))[:, None]
                 if not np.isfinite(floor.kth).all():
                     mask &= scores > -np.inf
@@ -233,7 +237,7 @@ def exact_top_k(
                     row, column = torch.nonzero(mask if len(screened) == n_queries else mask[torch.from_numpy(screened)], as_tuple=True)
                     query, column = screened[row.numpy()], column.numpy()
                     values = scores[torch.from_numpy(query), torch.from_numpy(column)].double().numpy()
-                    keep(query, column + start, values + half[query], lower(query, column, values))
+                    keep(query, column + start, values + half[query], _projected_lower(values, half[query], side.residual[query], columns[column, -1]))
                 full = np.flatnonzero(fallback)
                 tally["projected"] += len(screened)
             tally["full"] += len(full)
@@ -259,12 +263,31 @@ def exact_top_k(
         return np.zeros((n_queries, 0), np.float32), np.zeros((n_queries, 0), np.int64)
     query, rows, upper = np.concatenate(found_query), np.concatenate(found_row), np.concatenate(found_upper)
     kept = upper >= floor.kth[query]
-    query, rows = query[kept], rows[kept]
+    query, rows = _narrowed(matrix, q32, query[kept], rows[kept], upper[kept], floor.kth, k)
     tally["rescored"] = len(rows)
     if counts is not None:
         counts.update(tally)
     scores, rows = rank(query, exact_scores(matrix, q32, query, rows), rows, n_queries, k)
     return scores.astype(np.float32), rows
+
+
+def _narrowed(matrix: Matrix, queries: np.ndarray, query: np.ndarray, rows: np.ndarray, upper: np.ndarray, kth: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct pairs (upper bounds ``upper``; ``kth``: lower bounds on each query's k-th best
+    score) that can still be in their query's top k once bounded by the full screen too: each row's
+    stored bfloat16 copy times the float32 query in float32, within ``screen_error(D) |q| max|x|``
+    (rounding x, then float32 products and sums) of the exact score."""
+    q32 = np.ascontiguousarray(queries, dtype=np.float32)
+    q_norm = np.linalg.norm(q32.astype(np.float64), axis=1)
+    half = screen_error(matrix.dimension) * q_norm * matrix.max_norm * 1.001 + _SLACK * q_norm * matrix.max_norm
+    screened = np.empty(len(rows), np.float64)
+    order = np.lexsort((rows, query))
+    for group in np.split(order, np.flatnonzero(np.diff(query[order])) + 1) if len(order) else []:
+        screened[group] = bfloat16_values(matrix.take(rows[group], screens=True)) @ q32[query[group[0]]]
+    floor = _Floor(len(q32), k)
+    floor.raise_to(kth)
+    floor.add(query, screened - half[query])
+    keep = np.minimum(upper, screened + half[query]) >= floor.kth[query]
+    return query[keep], rows[keep]
 
 
 def exact_scores(matrix: Matrix, queries: np.ndarray, query: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -281,3 +304,39 @@ def exact_scores(matrix: Matrix, queries: np.ndarray, query: np.ndarray, rows: n
         products *= q64[query[part]]
         out[part] = products.sum(axis=1)
     return out
+
+
+def candidate_top_k(queries: np.ndarray, matrix: Matrix, query: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The best ``k`` of given distinct candidate pairs (``queries[query[i]]``, row ``rows[i]``) by
+    exact score, ranked by :func:`rank`: what ranking every candidate by :func:`exact_scores` gives,
+    bit for bit, but only the candidates whose projected upper bound reaches their query's k-th best
+    projected lower bound are scored from the matrix (the bounds from the rows' stored projected
+    columns, in float64; candidates on blocks without projections are always scored)."""
+    n_queries = len(queries)
+    keep = np.ones(len(rows), bool)
+    if matrix.basis is not None and len(rows):
+        q32 = np.ascontiguousarray(queries, dtype=np.float32)
+        side = query_side(q32, matrix.basis)
+        c = np.asarray(q32, np.float64) @ np.asarray(matrix.basis, np.float64).T
+        slack = _SLACK * np.linalg.norm(q32.astype(np.float64), axis=1) * matrix.max_norm
+        upper, lower = np.full(len(rows), np.inf), np.full(len(rows), -np.inf)
+        block_of = np.searchsorted(matrix.starts, rows, side="right") - 1
+        for b in np.unique(block_of):
+            projected = matrix.projected[b]
+            if projected is None:
+                continue
+            at = np.flatnonzero(block_of == b)
+            local = rows[at] - matrix.starts[b]
+            order = np.argsort(local, kind="stable")
+            at, local = at[order], local[order]
+            values = bfloat16_values(projected.columns[local]).astype(np.float64)
+            whom = query[at]
+            rho = values[:, -1]
+            centre = (values[:, :-1] * c[whom]).sum(axis=1)
+            spread = side.reach[whom] * projected.sigma + slack[whom] + side.residual[whom] * rho
+            upper[at], lower[at] = centre + spread, centre - spread
+        floor = _Floor(n_queries, k)
+        floor.add(query, lower)
+        keep = upper >= floor.kth[query]
+        query, rows = _narrowed(matrix, queries, query[keep], rows[keep], upper[keep], floor.kth, k)
+    return rank(query, exact_scores(matrix, queries, query, rows), rows, n_queries, k)
