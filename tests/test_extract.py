@@ -432,6 +432,7 @@ def test_a_bad_weights_file_is_refused_before_anything_is_created(photo_dir, tmp
         assert result.exit_code == 1 and expected in result.output, result.output
         assert str(weights) in result.output and "weights_only" not in result.output
         assert not cache.exists(), "nothing may be created before the config is known to be good"
+    assert not _worker_processes(), "a refused run leaves no worker process"
 
 
 def test_counts_below_one_are_refused(photo_dir, tmp_path):

@@ -128,18 +128,25 @@ def worker_count(request, num_tasks: int) -> int:
     return max(1, min(request.workers or default_workers(request.device), num_tasks))
 
 
-def start_local_cluster(request, n_workers: int):
+def start_local_cluster(request, n_workers: int, wait: bool = True):
+    """The embedded LocalCluster of ``n_workers`` worker processes, each given 1/n of the memory as
+    LocalCluster would. ``wait=False``: returned as soon as its scheduler runs, its workers named in
+    its spec but not started (awaiting the cluster in its loop starts them)."""
     from dask.distributed import LocalCluster
 
-    return LocalCluster(
-        n_workers=n_workers,
+    cluster = LocalCluster(
+        n_workers=n_workers if wait else 0,
         threads_per_worker=request.threads_per_worker,
+        memory_limit=1 / n_workers,
         processes=True,
         dashboard_address="127.0.0.1:0",  # None still starts one on 8787 (with a warning when taken)
         silence_logs=logging.ERROR,
         resources={"GPU": 1} if request.device == "cuda" else None,
         preload=list(WORKER_PRELOAD),
     )
+    while len(cluster.worker_spec) < n_workers:
+        cluster.worker_spec.update(cluster.new_worker_spec())
+    return cluster
 
 
 # imported by each embedded worker as it starts (in the cluster's start, off the critical path),
@@ -157,11 +164,8 @@ class ClusterStart:
     waited for."""
 
     def __init__(self, request, num_tasks: int):
-        self._cluster = start_local_cluster(request, 0)
-        for _ in range(worker_count(request, num_tasks)):
-            self._cluster.worker_spec.update(self._cluster.new_worker_spec())
-        # awaiting a SpecCluster starts the workers its spec names (scale() would too, but a failed
-        # start would then only be logged by the loop, not raised to get())
+        self._cluster = start_local_cluster(request, worker_count(request, num_tasks), wait=False)
+        # (scale() would start them too, but a failed start would then only be logged, not raised)
         self._workers = asyncio.run_coroutine_threadsafe(_started(self._cluster), self._cluster.loop.asyncio_loop)
         self._handed_over = False
 
