@@ -2,17 +2,20 @@
 scanned with SIMD (fast-scan), and the candidates re-ranked exactly from the store's matrix.
 
 The vectors are projected on their first ``PCA_DIMENSIONS`` principal axes (real embeddings keep most
-of their energy there; k-means and the coarse quantizer get 4x cheaper), clustered into ``nlist``
-lists (k-means on a sample, a flat coarse quantizer), and each kept as one 4-bit code per two
-projected dimensions. A query scans the codes of its ``nprobe`` closest lists and takes the
-``RERANK`` x k best; these are scored exactly from the store's matrix and ranked by
-:func:`shnet.retrieval.topk.rank`, so the scores it returns are exact and only the candidate set is
-approximate. Measured on 1M x 1024 structured vectors (benchmarks/search_speed.py, 2 shared cores):
-codes of 8 or 4 raw dimensions each (PQ128/PQ256 without PCA) capped recall@10 at 0.93-0.94 whatever
-nprobe; an HNSW coarse quantizer capped it at 0.938 even with every list probed (lists its graph
-search never reached); this layout reaches 1.0 with every list and builds in under a minute.
-Re-ranking 10 x k capped recall at 0.87 on the test's 50k x 128 set (near ties the 4-bit codes
-cannot order), 30 x k reaches 0.975.
+of their energy there; k-means, the coarse quantizer and the code scan get 8x cheaper than in 1024
+dimensions), clustered into ``nlist`` lists (k-means on a sample, a flat coarse quantizer), and each
+kept as one 4-bit code per two projected dimensions. A query scans the codes of its ``nprobe``
+closest lists and takes the ``RERANK`` x k best; these are ranked by exact score by
+:func:`shnet.retrieval.topk.candidate_top_k` (only those whose bfloat16 bound can reach the top k
+are scored from the store's matrix), so the scores it returns are exact and only the candidate set
+is approximate. Measured on 1M x 1024 structured vectors (benchmarks/search_speed.py, 2 shared
+cores): codes of 8 or 4 raw dimensions each (PQ128/PQ256 without PCA) capped recall@10 at 0.93-0.94
+whatever nprobe; an HNSW coarse quantizer capped it at 0.938 even with every list probed (lists its
+graph search never reached). PCA256 with 1000 lists needed nprobe 128 for recall@10 0.98 (scanning
+1000-1400 queries/s); PCA128 with 2000 lists reaches 0.96 at nprobe 64 and 0.98 at 128, scans
+3000-4500 queries/s at 64 and builds in about a minute; 4000 lists scanned no faster for the same
+recall and took 4 minutes to build. Re-ranking 10 or 20 x k capped recall at 0.87 and 0.954 on the
+test's 50k x 128 set (near ties the 4-bit codes cannot order), 30 x k reaches 0.975.
 
 ``nprobe`` is chosen at build time: the smallest power of two whose recall@10 against exact search
 reaches the target on held-out queries (stored images kept out of training and out of the index
@@ -42,7 +45,7 @@ INDEX_FILE = "images.faiss"
 INDEX_RECORD = "index.json"
 RECALL_AT = 10
 RERANK = 30  # codes scanned keep RERANK x k candidates per query, re-ranked exactly
-PCA_DIMENSIONS = 256
+PCA_DIMENSIONS = 128
 _TRAIN_POINTS_PER_LIST = 40
 _KMEANS_ITERATIONS = 10
 _MIN_POINTS_PER_LIST = 39  # faiss warns below this many training points per centroid
@@ -58,10 +61,11 @@ def _faiss():
 
 
 def list_count(rows: int) -> int:
-    """sqrt(N) lists (1000 for a million vectors), fewer when there are too few vectors to train
-    them. k-means grows with lists x training vectors (40 per list): on two shared cores 4 sqrt(N)
-    lists in 1024 dimensions took longer than the whole 3-minute budget for 1M vectors."""
-    return max(1, min(round(math.sqrt(rows)), rows // _MIN_POINTS_PER_LIST))
+    """2 sqrt(N) lists (2000 for a million vectors), fewer when there are too few vectors to train
+    them. k-means grows with lists x training vectors (40 per list) x dimensions: on two shared
+    cores 4 sqrt(N) lists took longer than the whole 3-minute budget for 1M vectors (in 1024 and in
+    128 dimensions); 2 sqrt(N) in 128 dimensions builds in about a minute."""
+    return max(1, min(round(2 * math.sqrt(rows)), rows // _MIN_POINTS_PER_LIST))
 
 
 def index_type(rows: int, dimension: int) -> str:
