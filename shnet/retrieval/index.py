@@ -21,8 +21,9 @@ test's 50k x 128 set (near ties the 4-bit codes cannot order), 30 x k reaches 0.
 reaches the target on held-out queries (stored images kept out of training and out of the index
 while it is tuned, then added), judged by the lower 97.5% confidence bound of the mean so that new
 queries reach it too; then the smallest quarter step up to it from the power below that reaches it
-as well (80, 96 or 112 between 64 and 128: each power doubles the codes scanned). When captions were encoded, the recall for caption queries (the real
-text-to-image queries) is measured as well. The record keeps every measured point.
+as well (80, 96 or 112 between 64 and 128: each power doubles the codes scanned). When captions
+were encoded, the recall for caption queries (the real text-to-image queries) is measured as well.
+The record keeps every measured point.
 
 faiss is an optional dependency (``pip install -c constraints.txt 'shnet[faiss]'``).
 """
