@@ -138,12 +138,13 @@ def main() -> None:
     print(
         f"index {record['type']}: built (k-means, codebooks, add) in {record['build_seconds']:.0f}s; nprobe {record['nprobe']} of {record['nlist']} "
         f"(re-ranking {record['rerank']} x k exactly) for recall@10 >= {args.recall} on {record['held_out_queries']} held-out vectors "
-        f"(by nprobe: {', '.join(f'{k}: {v:.3f}' for k, v in record['recall_by_nprobe'].items())}); {load()}"
+        f"(by nprobe: {', '.join(f'{k}: {v:.3f}' for k, v in record['recall_by_nprobe'].items())}; "
+        f"by re-ranking factor: {', '.join(f'{k}: {v:.3f}' for k, v in record['recall_by_rerank'].items())}); {load()}"
     )
-    index = load_index(store)
-    reranked_search(index, matrix, queries[:10], 10)
+    index, rerank = load_index(store)
+    reranked_search(index, matrix, queries[:10], 10, rerank)
     started = time.perf_counter()
-    _, approximate = reranked_search(index, matrix, queries, 10)
+    _, approximate = reranked_search(index, matrix, queries, 10, rerank)
     ann_rate = args.queries / (time.perf_counter() - started)
     recall = recall_at(approximate, exact)
     print(

@@ -17,11 +17,12 @@ graph search never reached). PCA256 with 1000 lists needed nprobe 128 for recall
 recall and took 4 minutes to build. Re-ranking 10 or 20 x k capped recall at 0.87 and 0.954 on the
 test's 50k x 128 set (near ties the 4-bit codes cannot order), 30 x k reaches 0.975.
 
-``nprobe`` is chosen at build time: the smallest power of two whose recall@10 against exact search
+``nprobe`` and the re-ranking factor are chosen at build time: the smallest power of two whose recall@10 against exact search
 reaches the target on held-out queries (stored images kept out of training and out of the index
 while it is tuned, then added), judged by the lower 97.5% confidence bound of the mean so that new
 queries reach it too; then the smallest quarter step up to it from the power below that reaches it
-as well (80, 96 or 112 between 64 and 128: each power doubles the codes scanned). When captions
+as well (80, 96 or 112 between 64 and 128: each power doubles the codes scanned); then the fewest
+candidates (10, 20 or ``RERANK`` x k) that reach it at that nprobe. When captions
 were encoded, the recall for caption queries (the real text-to-image queries) is measured as well.
 The record keeps every measured point.
 
@@ -46,7 +47,8 @@ INDEX_DIR = "index"
 INDEX_FILE = "images.faiss"
 INDEX_RECORD = "index.json"
 RECALL_AT = 10
-RERANK = 30  # codes scanned keep RERANK x k candidates per query, re-ranked exactly
+RERANK = 30  # codes scanned keep at most RERANK x k candidates per query, re-ranked exactly
+RERANK_STEPS = (10, 20)  # fewer tried at the tuned nprobe: each candidate costs a bounded re-score
 PCA_DIMENSIONS = 128
 _TRAIN_POINTS_PER_LIST = 40
 _KMEANS_ITERATIONS = 10
@@ -143,6 +145,12 @@ def build_index(
         curve[probe] = float(recalls.mean())
         return lower_bound(recalls) >= target_recall
 
+    def reaches_with(rerank: int) -> bool:
+        _, found = reranked_search(index, matrix, held_out, RECALL_AT, rerank)
+        recalls = query_recalls(found, exact)
+        by_rerank[rerank] = float(recalls.mean())
+        return lower_bound(recalls) >= target_recall
+
     powers = sorted({min(2**p, nlist) for p in range(int(math.log2(nlist)) + 2)})
     nprobe = next((p for p in powers if reaches(p)), None)
     if nprobe is None:  # not even every list: the most there is
@@ -151,10 +159,12 @@ def build_index(
         below = max((p for p in curve if p < nprobe), default=0)
         nprobe = next((p for p in sorted({below + (nprobe - below) * j // 4 for j in (1, 2, 3)} - {below, nprobe}) if reaches(p)), nprobe)
     ivf.nprobe = nprobe
+    by_rerank = {RERANK: curve[nprobe]}
+    rerank = next((r for r in RERANK_STEPS if reaches_with(r)), RERANK)
     started = time.perf_counter()
     index.add_with_ids(held_out, query_rows)  # held out for tuning only: the index covers every image
     build_seconds += time.perf_counter() - started
-    caption_recall = _caption_recall(store, index, matrix, queries, rng) if "captions" in record else None
+    caption_recall = _caption_recall(store, index, matrix, queries, rng, rerank) if "captions" in record else None
 
     folder = store.root / INDEX_DIR
     folder.mkdir(parents=True, exist_ok=True)
@@ -162,15 +172,16 @@ def build_index(
         faiss.write_index(index, str(tmp))
     index_record = {
         "type": kind,
-        "rerank": RERANK,
+        "rerank": rerank,
         "metric": "inner_product",
         "vectors": n,
         "dimension": dim,
         "nlist": nlist,
         "nprobe": nprobe,
         "target_recall": target_recall,
-        f"recall_at_{RECALL_AT}": curve[nprobe],
+        f"recall_at_{RECALL_AT}": by_rerank[rerank],
         "recall_by_nprobe": {str(k): v for k, v in sorted(curve.items())},
+        "recall_by_rerank": {str(k): v for k, v in sorted(by_rerank.items())},
         "held_out_queries": len(held_out),
         f"caption_recall_at_{RECALL_AT}": caption_recall,
         "build_seconds": round(build_seconds, 3),
@@ -180,28 +191,29 @@ def build_index(
     return index_record
 
 
-def reranked_search(index, matrix: Matrix, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The index's ``RERANK`` x k candidates per query, scored exactly from ``matrix`` and ranked
-    (score descending, ties to the lower row): ([Q, k'] scores, [Q, k'] rows)."""
+def reranked_search(index, matrix: Matrix, queries: np.ndarray, k: int, rerank: int = RERANK) -> tuple[np.ndarray, np.ndarray]:
+    """The index's ``rerank`` x k candidates per query, ranked by exact score (score descending,
+    ties to the lower row): ([Q, k'] scores, [Q, k'] rows)."""
     queries = np.ascontiguousarray(queries, dtype=np.float32)
-    _, found = index.search(queries, min(RERANK * k, matrix.rows))
+    _, found = index.search(queries, min(rerank * k, matrix.rows))
     query, column = np.nonzero(found >= 0)
     scores, rows = candidate_top_k(queries, matrix, query, found[query, column], k)
     return scores.astype(np.float32), rows
 
 
-def _caption_recall(store: EmbeddingStore, index, matrix: Matrix, queries: int, rng: np.random.Generator) -> float:
+def _caption_recall(store: EmbeddingStore, index, matrix: Matrix, queries: int, rng: np.random.Generator, rerank: int) -> float:
     """Recall@10 of the tuned index for caption (text-to-image) queries."""
     entry = store.complete_part("captions")
     rows = np.sort(rng.choice(entry["rows"], size=min(entry["rows"], queries), replace=False))
     texts = store.matrix("captions").take(rows).astype(np.float32)
     _, exact = exact_top_k(texts, matrix, RECALL_AT)
-    _, found = reranked_search(index, matrix, texts, RECALL_AT)
+    _, found = reranked_search(index, matrix, texts, RECALL_AT, rerank)
     return recall_at(found, exact)
 
 
-def load_index(store: EmbeddingStore):
-    """The saved index with its tuned nprobe, refusing one built for another image list."""
+def load_index(store: EmbeddingStore) -> tuple[object, int]:
+    """The saved index with its tuned nprobe, and its tuned re-ranking factor; refuses one built for
+    another image list."""
     faiss = _faiss()
     folder = store.root / INDEX_DIR
     if not (folder / INDEX_FILE).exists():
@@ -211,8 +223,9 @@ def load_index(store: EmbeddingStore):
         raise ShnetError(f"{folder} was built for other images than the store holds now; rebuild it with `shnet encode ... --index`")
     index = faiss.read_index(str(folder / INDEX_FILE))
     faiss.extract_index_ivf(index).nprobe = index_record["nprobe"]
-    return index
+    return index, index_record["rerank"]
 
 
 def ann_top_k(store: EmbeddingStore, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    return reranked_search(load_index(store), store.matrix("images"), queries, k)
+    index, rerank = load_index(store)
+    return reranked_search(index, store.matrix("images"), queries, k, rerank)
