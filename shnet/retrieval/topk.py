@@ -37,7 +37,12 @@ from .bfloat16 import bfloat16_bits, bfloat16_bits_up, bfloat16_values, screen_e
 from .projection import Projected, basis_of, project, query_side
 
 RESCORE_ROWS = 8192  # candidate rows scored exactly per step (8192 x D float64 at most in memory)
-CHUNK_ROWS = 16384  # screen rows per matrix product (32 MiB of bfloat16 at D = 1024)
+# Scores per screen product (16 MiB of bfloat16): rows per product = this / queries, at least
+# MIN_CHUNK_ROWS. Measured on the busy 2 cores, each product costs milliseconds of thread start-up:
+# one query over 1M rows took 0.46-0.84 s in products of 16,384 rows, 0.15-0.17 s in 100,000;
+# 200 queries 1.9-2.7 s in 16,384 rows, 1.7 s in 32,768-65,536.
+SCORES_PER_PRODUCT = 1 << 23
+MIN_CHUNK_ROWS = 1024
 FALLBACK_SHARE = 1 / 64  # a query whose projected bound keeps more of a chunk: the full screen there
 _SAMPLE_STRIDE = 16  # the kept share is estimated on every 16th row of a chunk
 _SLACK = 2.0**-30  # per unit of |q| max|x|: far above float64's errors in c = B q and in rescoring
@@ -201,11 +206,12 @@ def _bfloat16_tensor(bits: np.ndarray):
 
 
 def exact_top_k(
-    queries: np.ndarray, matrix: Matrix, k: int, exclude: np.ndarray | None = None, chunk_rows: int = CHUNK_ROWS, counts: dict | None = None
+    queries: np.ndarray, matrix: Matrix, k: int, exclude: np.ndarray | None = None, chunk_rows: int | None = None, counts: dict | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` rows of ``matrix`` with the largest inner product with each query [Q, D], as
     (scores [Q, k'] float32, global rows [Q, k']) best first, k' = min(k, rows); rows in ``exclude``
-    are never returned. The same answer, bit for bit, whatever ``chunk_rows``, whichever queries are
+    are never returned. ``chunk_rows``: rows per screen product (default: ``SCORES_PER_PRODUCT`` /
+    queries). The same answer, bit for bit, whatever ``chunk_rows``, whichever queries are
     asked together and whichever screen each query took. ``counts``, when given, receives how the
     work went: (query, chunk) pairs screened ``projected`` and ``full``, and rows ``rescored``."""
     import torch
@@ -231,7 +237,7 @@ def exact_top_k(
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # torch on a read-only memory map: only read here
-        for block, lo, hi in matrix.pieces(chunk_rows):
+        for block, lo, hi in matrix.pieces(chunk_rows or max(MIN_CHUNK_ROWS, SCORES_PER_PRODUCT // max(1, n_queries))):
             start, size = int(matrix.starts[block]) + lo, hi - lo
             first, last = np.searchsorted(excluded, [start, start + size])
             dropped = torch.from_numpy(excluded[first:last] - start)
