@@ -165,42 +165,47 @@ def test_second_writer_is_refused_by_the_lock(photo_dir, tmp_path):
     assert not (cache / "cache.json").exists()
 
 
-# a worker preload that stays in the cluster's start for ten minutes, after naming its process
+# a worker preload that names its process, then (``WORKER_HANGS``) stays in the cluster's start for ten minutes
 STARTING = "SHNET_TEST_STARTING"
-SLOW_PRELOAD = f"import os, pathlib, time\npathlib.Path(os.environ['{STARTING}'], str(os.getpid())).touch()\ntime.sleep(600)\n"
+WORKER_PRELOAD = f"import os, pathlib, time\npathlib.Path(os.environ['{STARTING}'], str(os.getpid())).touch()\n"
+WORKER_HANGS = "time.sleep(600)\n"
 
 
+@pytest.mark.parametrize("workers", ["starting", "joined"])
 @pytest.mark.parametrize("stop", ["refused", "interrupted"])
-def test_an_extract_stopped_before_its_first_task_kills_the_workers_still_starting(photo_dir, tmp_path, monkeypatch, stop):
+def test_an_extract_stopped_before_its_first_task_stops_its_workers_at_once(photo_dir, tmp_path, monkeypatch, stop, workers):
     """The embedded cluster of a new cache starts while the run is checked. A run refused (here by the
-    lock) or interrupted (Ctrl-C) once its workers are starting neither waits for them nor leaves them."""
+    lock) or interrupted (Ctrl-C) while its workers start, or once they joined, neither waits for
+    them nor leaves them running."""
     from shnet.pipeline import executors, runner
 
     starting, cache = tmp_path / "starting", tmp_path / "cache"
     starting.mkdir()
-    (tmp_path / "slow_preload.py").write_text(SLOW_PRELOAD)
+    (tmp_path / "preload.py").write_text(WORKER_PRELOAD + (WORKER_HANGS if workers == "starting" else ""))
     monkeypatch.setenv(STARTING, str(starting))
-    monkeypatch.setattr(executors, "WORKER_PRELOAD", (str(tmp_path / "slow_preload.py"),))
+    monkeypatch.setattr(executors, "WORKER_PRELOAD", (str(tmp_path / "preload.py"),))
+    clusters, start_cluster = [], executors.start_local_cluster
+    monkeypatch.setattr(executors, "start_local_cluster", lambda *args, **kwargs: clusters.append(start_cluster(*args, **kwargs)) or clusters[-1])
     stopped_at = []
 
-    def lock_once_a_worker_is_starting(root):
+    def lock_once_the_workers_are(root):
         deadline = time.monotonic() + 240
-        while not any(starting.iterdir()):
-            assert time.monotonic() < deadline, "no worker process started"
+        while not any(starting.iterdir()) or (workers == "joined" and len(clusters[0].scheduler_info.get("workers", {})) < len(clusters[0].worker_spec)):
+            assert time.monotonic() < deadline, f"the workers were not {workers} within 240 s"
             time.sleep(0.05)
         stopped_at.append(time.monotonic())
         if stop == "interrupted":
             raise KeyboardInterrupt
         return CacheLock(root)
 
-    monkeypatch.setattr(runner, "CacheLock", lock_once_a_worker_is_starting)
+    monkeypatch.setattr(runner, "CacheLock", lock_once_the_workers_are)
     with CacheLock(cache):
         result = CliRunner().invoke(main, ["extract", str(photo_dir), "-o", str(cache), *SMOKE])
     waited = time.monotonic() - stopped_at[0]
     expected = "being written by another `shnet extract`" if stop == "refused" else "interrupted"
     assert result.exit_code == (1 if stop == "refused" else 130) and expected in result.output, result.output
     assert waited < 30, f"the run waited {waited:.0f} s for workers it never used"
-    assert all(_gone(int(worker.name), 10) for worker in starting.iterdir()), "a starting worker was left running"
+    assert all(_gone(int(worker.name), 10) for worker in starting.iterdir()), "a worker was left running"
     assert not _worker_processes() and not (cache / "cache.json").exists()
 
 

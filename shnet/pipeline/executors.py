@@ -176,7 +176,7 @@ class ClusterStart:
 
     def close(self) -> None:
         if not self._handed_over:
-            asyncio.run_coroutine_threadsafe(_abort_start(self._cluster, self._workers), self._cluster.loop.asyncio_loop).result()
+            asyncio.run_coroutine_threadsafe(_stop_unused_workers(self._cluster, self._workers), self._cluster.loop.asyncio_loop).result()
         self._cluster.close()
 
 
@@ -184,10 +184,11 @@ async def _started(cluster) -> None:
     await cluster
 
 
-async def _abort_start(cluster, workers: concurrent.futures.Future) -> None:
-    """Kill the cluster's worker processes that have not yet joined it, until its start is over
-    (each kill fails that worker's start at once; its nanny does not restart it). Runs in the
-    cluster's loop, where the nannies live; workers that did join are left to the cluster's close."""
+async def _stop_unused_workers(cluster, workers: concurrent.futures.Future) -> None:
+    """Stop the worker processes of a cluster no task used, without waiting for them: those still
+    starting are killed until the start is over (each kill fails that worker's start at once; its
+    nanny does not restart it), then those that joined meanwhile are stopped with a short grace.
+    Runs in the cluster's loop, where the nannies live."""
     while not workers.done():
         for nanny in list(cluster._created):  # every worker (nanny) the cluster made, started or not
             process = nanny.process  # its WorkerProcess: None until instantiated, pid None until spawned
@@ -195,6 +196,15 @@ async def _abort_start(cluster, workers: concurrent.futures.Future) -> None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(process.pid, signal.SIGKILL)
         await asyncio.sleep(0.05)
+    # (a nanny's close waits its timeout for the worker to exit, then kills it; it raises when the
+    # killed process is not yet reaped, which the cluster's close that follows does not need)
+    joined = [nanny for nanny in cluster._created if nanny.status == Status.running]
+    await asyncio.gather(*(nanny.close(timeout=UNUSED_WORKER_GRACE_S) for nanny in joined), return_exceptions=True)
+
+
+# how long an idle worker of an unused cluster is given to exit before it is killed (a graceful exit,
+# torch loaded, takes seconds on a busy machine)
+UNUSED_WORKER_GRACE_S = 0.2
 
 
 def planned_task_count(num_images: int, num_stages: int, shard_size: int) -> int:
