@@ -3,7 +3,9 @@
 The pipeline run is a real `shnet extract --stages grid` (probe included) on an embedded
 LocalCluster, timed from the command start to its end (cluster start, model loads, decoding, HDF5
 writes included). The bare loop runs the same model over the same images in one process with the
-same total number of threads: decode, preprocess, batched forward; model build not timed.
+same total number of threads: decode, preprocess, batched forward; model build not timed; the
+process set up as an extract worker's is (``setup_process``: glibc's mmap threshold raised, thread
+pools pinned), so that the ratio measures the pipeline, not the allocator.
 
     python benchmarks/extract_throughput.py [--images 96] [--model resnet50] [--input-size 512] [--repeats 1]
 
@@ -33,8 +35,9 @@ def bare_loop(folder: Path, model_name: str, input_size: int, batch_size: int, t
 
     from shnet.pipeline.images import decode_image, discover_images
     from shnet.pipeline.models.grid import build_grid_backbone, preprocess
+    from shnet.pipeline.worker import setup_process
 
-    torch.set_num_threads(threads)
+    setup_process(threads, "cpu")
     model = build_grid_backbone(model_name, "random")
     paths = discover_images([folder])["path"].tolist()
     start = time.perf_counter()

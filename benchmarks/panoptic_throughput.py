@@ -7,7 +7,10 @@ published COCO-panoptic configuration) with its image processor (shortest edge `
 
 - bare: one process, the same threads: decode, the processor, the model over batches of equal-size
   images, the library's ``post_process_panoptic_segmentation`` to full resolution (stuff fused);
-  model load and one warm-up batch not timed. This is the loop a user would write by hand.
+  model load and one warm-up batch not timed. This is the loop a user would write by hand, in a
+  process set up as an extract worker's is (``setup_process``: glibc's mmap threshold raised, thread
+  pools pinned), so that the ratio measures the pipeline, not the allocator: in a plain process the
+  Swin-T loop ran 1.5-3x slower (8 images at shortest edge 256, load ~3).
 - pipeline: a real ``shnet extract --stages panoptic`` (probe included) on an embedded LocalCluster,
   timed from the command start to its end (cluster start, model load, HDF5/Parquet writes included).
 - layout: ``shnet extract --stages layout`` on that cache; images / the layout shards' own seconds.
@@ -70,8 +73,9 @@ def bare_loop(folder: Path, model_dir: Path, batch_size: int, threads: int, devi
 
     from shnet.data import coco_panoptic_categories
     from shnet.pipeline.images import decode_image, discover_images
+    from shnet.pipeline.worker import setup_process
 
-    torch.set_num_threads(threads)
+    device = setup_process(threads, device)
     model = AutoModelForUniversalSegmentation.from_pretrained(model_dir).eval().to(device)
     processor = AutoImageProcessor.from_pretrained(model_dir)
     stuff = {c.index for c in coco_panoptic_categories() if not c.is_thing}
@@ -89,7 +93,7 @@ def bare_loop(folder: Path, model_dir: Path, batch_size: int, threads: int, devi
         start = time.perf_counter()
         for i in range(0, len(paths), batch_size):
             run(paths[i : i + batch_size])
-    if device == "cuda":
+    if device.startswith("cuda"):
         torch.cuda.synchronize()
     return (time.perf_counter() - start) / len(paths)
 
