@@ -160,8 +160,8 @@ class ClusterStart:
     :func:`run_on_dask` would. The scheduler starts here (no worker: milliseconds); the workers start
     in the cluster's own event loop. :meth:`get` waits for them (raising what stopped them) and hands
     the cluster over; :meth:`close` shuts it down, and a cluster never handed over (an extract refused
-    or interrupted before its first task) has its still-starting worker processes killed instead of
-    waited for."""
+    or interrupted before its first task) has its workers stopped without waiting for them: those
+    still starting killed, those that joined given a short grace (:func:`_stop_unused_workers`)."""
 
     def __init__(self, request, num_tasks: int):
         self._cluster = start_local_cluster(request, worker_count(request, num_tasks), wait=False)
@@ -181,7 +181,7 @@ class ClusterStart:
 
 
 async def _started(cluster) -> None:
-    await cluster
+    await cluster  # a SpecCluster awaited starts the workers its spec names
 
 
 async def _stop_unused_workers(cluster, workers: concurrent.futures.Future) -> None:

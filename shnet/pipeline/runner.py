@@ -9,7 +9,8 @@ differs between stages is what they say about themselves.
 
 Start-up is kept off the critical path (:class:`Startup`): while the configs are checked, a background
 thread lists the images and starts the embedded cluster for a new cache; each worker then builds the
-run's models while the probe runs (:func:`~shnet.pipeline.worker.build_ahead`).
+run's models while the probe runs (:func:`~shnet.pipeline.worker.build_ahead`). A run refused before
+its first task (a config, the lock) does not wait for that cluster: its workers are stopped at once.
 """
 
 from __future__ import annotations
@@ -137,8 +138,9 @@ class Startup:
     (sized by the planned task count), while this process checks the stage configs. A cache that
     already exists gets its cluster only once the run knows it has work to do there (a finished cache
     starts none). Errors keep their order: a config error first, then an image-listing one. An extract
-    refused before its first task does not wait for any of it: :meth:`close` leaves the listing to
-    end on its own (no cluster is started after it) and kills the workers still starting."""
+    refused or interrupted before its first task waits for none of it: :meth:`close` leaves the
+    listing to end on its own (no cluster is started after it) and stops the cluster's workers at once
+    (:class:`~.executors.ClusterStart`)."""
 
     def __init__(self, request: ExtractRequest, stages: list[str], root: str):
         self._request = request
