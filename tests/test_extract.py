@@ -596,3 +596,20 @@ def test_a_failed_build_ahead_is_reported_as_the_tasks_own_failed_build(photo_di
         assert text.count("RuntimeError: the weights went away") == 6 and len(builds) == 6, "3 attempts per shard, one build each"
     assert outputs[0] == outputs[1] and any("RuntimeError: the weights went away" in line for line in outputs[1]), outputs
     assert logs[0] == logs[1]
+
+
+def test_embedded_workers_log_dask_records_to_the_cache_not_the_terminal(tmp_path):
+    """What a worker of the embedded cluster logs through Dask (e.g. a heartbeat meeting the closing
+    scheduler, with its traceback) is appended to CACHE/logs/dask-workers.log, never printed."""
+    log = tmp_path / "logs" / "dask-workers.log"
+    script = (
+        "import logging, distributed\n"
+        "from shnet.pipeline.executors import log_library_records_to\n"
+        f"log_library_records_to({str(log)!r})\n"
+        "try:\n    raise OSError('scheduler gone')\n"
+        "except OSError:\n    logging.getLogger('distributed.worker').exception('Failed to communicate with scheduler during heartbeat.')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout == "" and result.stderr == ""
+    written = log.read_text()
+    assert "distributed.worker ERROR Failed to communicate with scheduler" in written and "OSError: scheduler gone" in written

@@ -57,6 +57,7 @@ CACHE_RECORD = "cache.json"
 IMAGES_TABLE = "images.parquet"
 LOCK_FILE = DirectoryLock.FILE
 ERROR_LOG = "logs/extract-errors.log"
+LIBRARY_LOG = "logs/dask-workers.log"
 IMAGE_COLUMNS = ["image_id", "path", "width", "height", "bytes", "shard", "row", "status", "error"]
 
 
@@ -110,6 +111,11 @@ class Cache:
     def error_log_path(root: str | Path) -> Path:
         """Where extract workers append the full traceback of every failed shard attempt."""
         return Path(root) / ERROR_LOG
+
+    @staticmethod
+    def library_log_path(root: str | Path) -> Path:
+        """Where the embedded cluster's workers append Dask's own log records."""
+        return Path(root) / LIBRARY_LOG
 
     # --- images -------------------------------------------------------------------------------
     def images(self) -> pd.DataFrame:

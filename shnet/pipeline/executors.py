@@ -27,6 +27,7 @@ from typing import Iterator
 from distributed.core import Status
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from ..cache import Cache
 from ..errors import ShnetError
 from .stages.base import ShardJob
 from .worker import build_ahead, clear_models, in_this_process, one_line, run_shard, setup_process
@@ -66,7 +67,8 @@ def run_on_dask(tasks: list[Task], request, cluster=None) -> Iterator[tuple[Task
     run_token = uuid.uuid4().hex[:6]
     gpu = {"GPU": 1} if request.device == "cuda" else None
     models = list({task.job.stage: (task.job.stage, task.job.config) for task in tasks}.values())
-    with dask_client(request, len(tasks), models, cluster) as client:
+    log_file = Cache.library_log_path(tasks[0].job.cache_root) if tasks else None
+    with dask_client(request, len(tasks), models, cluster, log_file and str(log_file)) as client:
         futures = {}
         owner = {}
         for task in tasks:
@@ -95,17 +97,34 @@ class WorkerSetup(WorkerPlugin):
 
     name = "shnet-worker-setup"
 
-    def __init__(self, torch_threads: int, device: str, models: list[tuple[str, dict]]):
+    def __init__(self, torch_threads: int, device: str, models: list[tuple[str, dict]], log_file: str | None = None):
         self.torch_threads = torch_threads
         self.device = device
         self.models = models  # (stage, config) of the run's tasks: built ahead, while the probe runs
+        self.log_file = log_file  # embedded workers: Dask's own log records go here, not to the terminal
 
     def setup(self, worker) -> None:
+        if self.log_file is not None:
+            log_library_records_to(self.log_file)
         setup_process(self.torch_threads, self.device, worker.name)
         build_ahead(self.models, self.device)
 
     def teardown(self, worker) -> None:
         clear_models()
+
+
+def log_library_records_to(path: str) -> None:
+    """In an embedded worker, Dask's log records (e.g. a heartbeat that meets the scheduler closing at
+    the end of a run, with its traceback) are appended to ``path`` instead of the terminal the worker
+    shares with the user's command; shnet reports what a user needs itself."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    handler = logging.FileHandler(path, delay=True)  # created by the first warning, if any
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter(f"%(asctime)s worker {os.getpid()} %(name)s %(levelname)s %(message)s"))
+    library = logging.getLogger("distributed")
+    for stream in [h for h in library.handlers if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]:
+        library.removeHandler(stream)
+    library.addHandler(handler)
 
 
 def default_workers(device: str) -> int:
@@ -213,9 +232,10 @@ def planned_task_count(num_images: int, num_stages: int, shard_size: int) -> int
 
 
 @contextlib.contextmanager
-def dask_client(request, num_tasks: int, models: list[tuple[str, dict]], cluster=None):
+def dask_client(request, num_tasks: int, models: list[tuple[str, dict]], cluster=None, log_file: str | None = None):
     """A client on the embedded LocalCluster (``cluster``, or one started now), or on the cluster at
-    ``--scheduler``, with :class:`WorkerSetup` registered: every worker builds ``models`` ahead."""
+    ``--scheduler``, with :class:`WorkerSetup` registered: every worker builds ``models`` ahead; the
+    embedded workers log Dask's records to ``log_file``."""
     from dask.distributed import Client
 
     threads = request.threads_per_worker
@@ -242,7 +262,7 @@ def dask_client(request, num_tasks: int, models: list[tuple[str, dict]], cluster
     torch_threads = max(1, available_cores() // (len(cluster.worker_spec) * threads))
     client = Client(cluster)
     try:
-        client.register_plugin(WorkerSetup(torch_threads, request.device, models), name=WorkerSetup.name)
+        client.register_plugin(WorkerSetup(torch_threads, request.device, models, log_file), name=WorkerSetup.name)
         yield client
     finally:
         client.close()
