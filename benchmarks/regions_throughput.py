@@ -2,7 +2,8 @@
 
 Bare: the random-initialised detector over images decoded and preprocessed beforehand (decode and
 preprocess excluded), batched as the stage batches them (the detector takes them one at a time), in
-one process with all cores' threads.
+one process with all cores' threads, set up as an extract worker's is (``setup_process``: glibc's
+mmap threshold raised, threads pinned), so that the ratio measures the pipeline, not the allocator.
 Pipeline: a real `shnet extract --stages regions` over the same images with one worker holding the
 same threads, timed from command start to end (cluster start, model build, decoding, HDF5 writes
 included). ``--sizes`` gives the image sizes in turn (several sizes: every batch mixes them). On a
@@ -95,14 +96,15 @@ def main() -> None:
     sizes = [tuple(int(v) for v in size.split("x")) for size in args.sizes.split(",")]
 
     import numpy as np
-    import torch
 
     from shnet.pipeline.models.butd.weights import build_detector
     from shnet.pipeline.models.butd.extract import SelectionOptions
     from shnet.devices import autocast, place_model
 
+    from shnet.pipeline.worker import setup_process
+
     cores = len(os.sched_getaffinity(0))
-    torch.set_num_threads(cores)
+    setup_process(cores, args.device)  # the bare loop in a process set up as an extract worker's is
     options = SelectionOptions("caffe", args.num_boxes, args.num_boxes, 0.2, 0.3, 6000, args.post_nms_topk, 0.7)
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_image_set(Path(tmp) / "images", args.images, size=sizes)
