@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 from PIL import Image
+from vector_stores import write_vector_store
 
 from shnet.cache import Cache
 from shnet.fileio import atomic_write_parquet
@@ -22,7 +23,7 @@ from shnet.cli import main
 from shnet.errors import ShnetError
 from shnet.retrieval.encode import EncodeRequest, encode
 from shnet.retrieval.search import search_image
-from shnet.retrieval.store import FORMAT, FORMAT_VERSION, EmbeddingStore
+from shnet.retrieval.store import EmbeddingStore
 from shnet.retrieval.bfloat16 import bfloat16_bits
 from shnet.retrieval.topk import Matrix, exact_top_k, rank
 from shnet.trainer.synthetic import write_concept_cache
@@ -179,30 +180,6 @@ def test_encode_resumes_after_a_kill(trained, tmp_path):
     assert not list(killed.rglob("*.tmp-*"))
 
 
-def _random_store(root, vectors: np.ndarray, shard_size: int) -> EmbeddingStore:
-    """A store holding ``vectors`` as image embeddings (no model needed to test the index)."""
-    import pyarrow as pa
-
-    from shnet.cache.store import image_list_digest
-
-    store = EmbeddingStore(root)
-    ids = [f"v{i}" for i in range(len(vectors))]
-    shards = (len(vectors) + shard_size - 1) // shard_size
-    store.save_record(
-        {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "dimension": vectors.shape[1],
-            "dtype": "float16",
-            "images": {"rows": len(vectors), "shard_size": shard_size, "shards": shards, "image_list_sha256": image_list_digest(ids)},
-        }
-    )
-    for s in range(shards):
-        rows = slice(s * shard_size, (s + 1) * shard_size)
-        store.write_shard("images", s, pa.table({"image_id": ids[rows], "path": [""] * len(ids[rows])}), vectors[rows], "float16")
-    return store
-
-
 def structured_unit_vectors(n: int, dim: int, clusters: int, rng: np.random.Generator, subspace: int = 16) -> np.ndarray:
     """As real embeddings are, and as benchmarks/search_speed.py draws them at scale: near a
     low-dimensional subspace, gathered in clusters, a little isotropic noise, unit length."""
@@ -222,7 +199,7 @@ def test_ann_recall_at_10_vs_exact_on_structured_vectors(tmp_path):
 
     rng = np.random.default_rng(0)
     vectors = structured_unit_vectors(n + 500, 128, 500, rng)
-    store = _random_store(tmp_path / "emb", vectors[:n], shard_size=8192)
+    store = write_vector_store(tmp_path / "emb", vectors[:n], shard_size=8192)
     record = build_index(store.root, target_recall=0.95, queries=500, log=lambda m: None)
     assert record["recall_at_10"] >= 0.95 and record["nprobe"] < record["nlist"] and ",IVF" in record["type"]
     fresh = vectors[n:]  # queries the tuning never saw

@@ -10,11 +10,11 @@ from fractions import Fraction
 import numpy as np
 import pyarrow as pa
 import pytest
+from vector_stores import write_vector_store
 
 from shnet.retrieval import projection, topk
 from shnet.retrieval.bfloat16 import bfloat16_bits, bfloat16_bits_up, bfloat16_values
 from shnet.retrieval.projection import basis_of, project, query_side, rank_for
-from shnet.retrieval.store import FORMAT, FORMAT_VERSION, EmbeddingStore
 from shnet.retrieval.topk import Matrix, exact_scores, exact_top_k
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -151,31 +151,10 @@ def test_a_pairs_exact_score_is_the_same_bits_whatever_else_is_scored(monkeypatc
     assert (together[:50] == one_row).all()
 
 
-def _store(root, vectors, shard_size) -> EmbeddingStore:
-    from shnet.cache.store import image_list_digest
-
-    store = EmbeddingStore(root)
-    ids = [f"v{i}" for i in range(len(vectors))]
-    shards = (len(vectors) + shard_size - 1) // shard_size
-    store.save_record(
-        {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "dimension": vectors.shape[1],
-            "dtype": "float16",
-            "images": {"rows": len(vectors), "shard_size": shard_size, "shards": shards, "image_list_sha256": image_list_digest(ids)},
-        }
-    )
-    for s in range(shards):
-        part = slice(s * shard_size, (s + 1) * shard_size)
-        store.write_shard("images", s, pa.table({"image_id": ids[part], "path": [""] * len(ids[part])}), vectors[part], "float16")
-    return store
-
-
 def test_the_store_keeps_projections_and_one_basis_vouched_for(tmp_path):
     rng = np.random.default_rng(4)
     rows = _structured(500, 40, rng)
-    store = _store(tmp_path / "emb", rows, 200)
+    store = write_vector_store(tmp_path / "emb", rows, 200)
     basis = np.load(store.basis_path("images"))
     assert basis.shape == (rank_for(40), 40) and basis.dtype == np.float32
     for shard in range(3):
@@ -206,7 +185,7 @@ def test_the_store_keeps_projections_and_one_basis_vouched_for(tmp_path):
 def test_a_shard_written_before_projections_is_searched_in_full(tmp_path):
     rng = np.random.default_rng(5)
     rows = _structured(300, 24, rng)
-    store = _store(tmp_path / "emb", rows, 100)
+    store = write_vector_store(tmp_path / "emb", rows, 100)
     done_path = store.shard_path("images", 1, "done")
     done = json.loads(done_path.read_text())
     del done["projection"]
