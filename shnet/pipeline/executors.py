@@ -67,8 +67,8 @@ def run_on_dask(tasks: list[Task], request, cluster=None) -> Iterator[tuple[Task
     run_token = uuid.uuid4().hex[:6]
     gpu = {"GPU": 1} if request.device == "cuda" else None
     models = list({task.job.stage: (task.job.stage, task.job.config) for task in tasks}.values())
-    log_file = Cache.library_log_path(tasks[0].job.cache_root) if tasks else None
-    with dask_client(request, len(tasks), models, cluster, log_file and str(log_file)) as client:
+    log_file = str(Cache.library_log_path(tasks[0].job.cache_root)) if tasks else None
+    with dask_client(request, len(tasks), models, cluster, log_file) as client:
         futures = {}
         owner = {}
         for task in tasks:
