@@ -33,7 +33,7 @@ import pyarrow as pa
 
 from shnet.cache.store import image_list_digest
 from shnet.retrieval import projection
-from shnet.retrieval.index import build_index, load_index, recall_at, reranked_search
+from shnet.retrieval.index import build_index, load_index, recall_at, reranked_search, rescored
 from shnet.retrieval.store import FORMAT, FORMAT_VERSION, EmbeddingStore
 from shnet.retrieval.topk import exact_top_k
 
@@ -148,13 +148,14 @@ def main() -> None:
     record = build_index(emb, args.recall, args.tune_queries, log=lambda m: print(f"  {m}"))
     print(
         f"index {record['type']}: built (k-means, codebooks, add) in {record['build_seconds']:.0f}s; nprobe {record['nprobe']} of {record['nlist']} "
-        f"(re-ranking {record['rerank']} x k exactly) for recall@10 >= {args.recall} on {record['held_out_queries']} held-out vectors "
-        f"(by nprobe: {', '.join(f'{k}: {v:.3f}' for k, v in record['recall_by_nprobe'].items())}; "
-        f"by re-ranking factor: {', '.join(f'{k}: {v:.3f}' for k, v in record['recall_by_rerank'].items())}); {load()}"
+        f"({record['rerank']} x k candidates, {record['rescore'] or record['rerank']} x k of them scored exactly) for recall@10 >= {args.recall} "
+        f"on {record['held_out_queries']} held-out vectors (by nprobe: {', '.join(f'{k}: {v:.3f}' for k, v in record['recall_by_nprobe'].items())}; "
+        f"by candidates: {', '.join(f'{k}: {v:.3f}' for k, v in record['recall_by_rerank'].items())}; "
+        f"by exactly scored: {', '.join(f'{k}: {v:.3f}' for k, v in record['recall_by_rescore'].items())}); {load()}"
     )
-    index, rerank = load_index(store)
-    reranked_search(index, matrix, queries[:10], 10, rerank)
-    (_, approximate), ann_rates = batch_rates(lambda: reranked_search(index, matrix, queries, 10, rerank), args.queries)
+    index, rerank, rescore = load_index(store)
+    reranked_search(index, matrix, queries[:10], 10, rerank, rescored(rescore, 10))
+    (_, approximate), ann_rates = batch_rates(lambda: reranked_search(index, matrix, queries, 10, rerank, rescored(rescore, 10)), args.queries)
     recall = recall_at(approximate, exact)
     print(
         f"approximate: {ann_rates[0]:.0f} queries/s in a batch of {args.queries} ({ann_rates[0] / exact_rates[0]:.1f}x exact batched), "

@@ -208,6 +208,12 @@ def test_ann_recall_at_10_vs_exact_on_structured_vectors(tmp_path):
     assert recall_at(approximate, exact) >= 0.95
     same = approximate == exact  # a hit the index finds carries its exact score
     assert (scores[same] == exact_scores[same]).all()
+    faiss.omp_set_num_threads(2)  # the batch in two pieces, each searched and re-ranked in its own thread
+    try:
+        pieced_scores, pieced = ann_top_k(store, fresh, 10)
+    finally:
+        faiss.omp_set_num_threads(1)
+    assert (pieced == approximate).all() and (pieced_scores == scores).all()
 
 
 def test_encode_takes_the_captions_a_cache_holds(trained, tmp_path):

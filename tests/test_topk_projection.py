@@ -201,16 +201,36 @@ def test_a_shard_written_before_projections_is_searched_in_full(tmp_path):
     assert counts["full"] >= len(queries)
 
 
-def test_candidates_pruned_by_their_bounds_rank_as_all_rescored():
+def test_candidates_rank_by_exact_score_and_rescore_the_best_approximated():
     rng = np.random.default_rng(6)
     rows = _structured(900, 64, rng)
     rows[600:650] = rows[:50]  # ties
     whole = Matrix([rows[:400], rows[400:]])
     mixed = Matrix(whole.blocks, whole.max_norm, whole.screens, [whole.projected[0], None], whole.basis)
     queries = np.concatenate([rows[:6].astype(np.float32), rng.standard_normal((2, 64)).astype(np.float32)])
-    pairs = [(q, r) for q in range(len(queries)) for r in np.sort(rng.choice(len(rows), 300, replace=False))]
-    query, candidates = (np.array(v, np.int64) for v in zip(*pairs))
-    expected = topk.rank(query, exact_scores(whole, queries, query, candidates), candidates, len(queries), 10)
+    found = np.stack([rng.choice(len(rows), 300, replace=False) for _ in queries])
+    found[1, 250:] = -1  # fewer candidates for one query
+    query, column = np.nonzero(found >= 0)
+    expected = topk.rank(query, exact_scores(whole, queries, query, found[query, column]), found[query, column], len(queries), 10)
     for matrix in (whole, mixed):
-        scores, found = topk.candidate_top_k(queries, matrix, query, candidates, 10)
-        assert (found == expected[1]).all() and (scores == expected[0]).all()
+        scores, best = topk.candidate_top_k(queries, matrix, found, 10)
+        assert (best == expected[1]).all() and (scores == expected[0]).all()
+        approximate = topk.approximate_scores(matrix, queries, found)
+        exact = np.full(found.shape, -np.inf)
+        exact[query, column] = exact_scores(matrix, queries, query, found[query, column])
+        assert (approximate[found < 0] == -np.inf).all()
+        valid = found >= 0
+        assert np.abs(approximate[valid] - exact[valid]).max() < 0.05 * np.abs(exact[valid]).max()
+        # only the 15 best approximated of each query are rescored: the top 10 among them, exactly
+        scores, best = topk.candidate_top_k(queries, matrix, found, 10, rescore=15)
+        for q in range(len(queries)):
+            order = np.lexsort((found[q], -approximate[q]))[:15]
+            kept = found[q, order][found[q, order] >= 0]
+            ranked = [r for r in sorted(kept, key=lambda r: (-exact[q][found[q] == r][0], r))][:10]
+            assert list(best[q]) == ranked
+            assert (scores[q] == np.array([exact[q][found[q] == r][0] for r in ranked])).all()
+        # each query's answer is the same asked alone
+        for q in range(len(queries)):
+            alone = topk.candidate_top_k(queries[q : q + 1], matrix, found[q : q + 1], 10, rescore=15)
+            assert (alone[1][0] == best[q]).all() and (alone[0][0] == scores[q]).all()
+            assert (topk.approximate_scores(matrix, queries[q : q + 1], found[q : q + 1])[0] == approximate[q]).all()

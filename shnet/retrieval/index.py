@@ -1,36 +1,44 @@
 """The approximate index (``shnet encode --index``): PCA, FAISS IVF, 4-bit product-quantised codes
-scanned with SIMD (fast-scan), and the candidates re-ranked exactly from the store's matrix.
+scanned with SIMD (fast-scan), and the best candidates re-ranked exactly from the store's matrix.
 
 The vectors are projected on their first ``PCA_DIMENSIONS`` principal axes (real embeddings keep most
 of their energy there; k-means, the coarse quantizer and the code scan get 8x cheaper than in 1024
-dimensions), clustered into ``nlist`` lists (k-means on a sample, a flat coarse quantizer), and each
-kept as one 4-bit code per two projected dimensions. A query scans the codes of its ``nprobe``
-closest lists and takes the ``RERANK`` x k best; these are ranked by exact score by
-:func:`shnet.retrieval.topk.candidate_top_k` (only those whose bfloat16 bound can reach the top k
-are scored from the store's matrix), so the scores it returns are exact and only the candidate set
-is approximate. Measured on 1M x 1024 structured vectors (benchmarks/search_speed.py, 2 shared
-cores): codes of 8 or 4 raw dimensions each (PQ128/PQ256 without PCA) capped recall@10 at 0.93-0.94
-whatever nprobe; an HNSW coarse quantizer capped it at 0.938 even with every list probed (lists its
-graph search never reached). PCA256 with 1000 lists needed nprobe 128 for recall@10 0.98 (scanning
-1000-1400 queries/s); PCA128 with 2000 lists reaches 0.96 at nprobe 64 and 0.98 at 128, scans
-3000-4500 queries/s at 64 and builds in about a minute; 4000 lists scanned no faster for the same
-recall and took 4 minutes to build. Re-ranking 10 or 20 x k capped recall at 0.87 and 0.954 on the
-test's 50k x 128 set (near ties the 4-bit codes cannot order), 30 x k reaches 0.975.
+dimensions), clustered into ``nlist`` lists (k-means on 100 sampled vectors per list, a flat coarse
+quantizer), and each kept as one 4-bit code per two projected dimensions. A query scans the codes of
+its ``nprobe`` closest lists and takes the ``rerank`` x k best; these are ordered by the store's
+projected columns (:func:`shnet.retrieval.topk.approximate_scores`: 127 coordinates per row, read
+from the store, far closer to the exact score than the 4-bit codes), and the ``rescore`` x k best of
+them are scored exactly from the store's matrix and ranked by :func:`shnet.retrieval.topk.rank`: the
+scores it returns are exact, only the candidate set is approximate.
 
-``nprobe`` and the re-ranking factor are chosen at build time: the smallest power of two whose recall@10 against exact search
-reaches the target on held-out queries (stored images kept out of training and out of the index
-while it is tuned, then added), judged by the lower 97.5% confidence bound of the mean so that new
-queries reach it too; then the smallest quarter step up to it from the power below that reaches it
-as well (80, 96 or 112 between 64 and 128: each power doubles the codes scanned); then the fewest
-candidates (10, 20 or ``RERANK`` x k) that reach it at that nprobe. When captions
-were encoded, the recall for caption queries (the real text-to-image queries) is measured as well.
-The record keeps every measured point.
+Measured on 1M x 1024 structured vectors (benchmarks/search_speed.py, 2 shared cores): codes of 8 or
+4 raw dimensions each (PQ128/PQ256 without PCA) capped recall@10 at 0.93-0.94 whatever nprobe; an
+HNSW coarse quantizer capped it at 0.938 even with every list probed (lists its graph search never
+reached); an HNSW graph over the PCA128 vectors alone built in 97 s and scanned no faster than the
+lists for the same recall, at 768 MB. PCA128 with 2000 lists: k-means on 40 vectors per list needed
+nprobe 80 for recall@10 0.96, on 100 per list 48 (more brought nothing); 4000 lists scanned no faster
+for the same recall and took 4 minutes to build; PQ32 codes or PCA96 scanned 10-20% faster but
+needed twice the candidates for the same recall. The 4-bit codes order candidates so roughly that
+the true top 10 needs 10 x k of them (5 x k: recall 0.92); ordered by the projected columns, the
+best 1.5 x k of those keep their recall (1 x k: 0.92), and scoring 1.5 x k exactly instead of
+bounding all 10 x k made a batch 2.5x faster.
+
+``nprobe`` and the two factors are chosen at build time: the smallest power of two whose recall@10
+against exact search reaches the target on held-out queries (stored images kept out of training and
+out of the index while it is tuned, then added), judged by the lower 97.5% confidence bound of the
+mean so that new queries reach it too; then the smallest quarter step up to it from the power below
+that reaches it as well (80, 96 or 112 between 64 and 128: each power doubles the codes scanned);
+then the fewest candidates (5, 10, 20 or ``RERANK`` x k, every one scored exactly) that reach it at
+that nprobe; then the fewest of those scored exactly (1, 1.5, 2 or 3 x k) that reach it too. When
+captions were encoded, the recall for caption queries (the real text-to-image queries) is measured
+as well. The record keeps every measured point.
 
 faiss is an optional dependency (``pip install -c constraints.txt 'shnet[faiss]'``).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
 import time
 from pathlib import Path
@@ -47,13 +55,15 @@ INDEX_DIR = "index"
 INDEX_FILE = "images.faiss"
 INDEX_RECORD = "index.json"
 RECALL_AT = 10
-RERANK = 30  # codes scanned keep at most RERANK x k candidates per query, re-ranked exactly
-RERANK_STEPS = (10, 20)  # fewer tried at the tuned nprobe: each candidate costs a bounded re-score
+RERANK = 30  # codes scanned keep at most RERANK x k candidates per query
+RERANK_STEPS = (5, 10, 20)  # fewer tried at the tuned nprobe: each candidate is gathered and scored
+RESCORE_STEPS = (1.0, 1.5, 2.0, 3.0)  # x k of each query's candidates scored exactly, best approximated first
 PCA_DIMENSIONS = 128
-_TRAIN_POINTS_PER_LIST = 40
+_TRAIN_POINTS_PER_LIST = 100  # 40 left the lists so rough that recall@10 0.93 took nprobe 48 of 2000, 100: 0.96
 _KMEANS_ITERATIONS = 10
 _MIN_POINTS_PER_LIST = 39  # faiss warns below this many training points per centroid
-_MAX_TRAIN = 100_000  # k-means and the codebooks learn from at most this many vectors
+_MIN_PIECE_QUERIES = 16  # a batch is searched in pieces of at least this many queries, one per core
+_MAX_TRAIN = 200_000  # k-means and the codebooks learn from at most this many vectors
 
 
 def _faiss():
@@ -66,9 +76,9 @@ def _faiss():
 
 def list_count(rows: int) -> int:
     """2 sqrt(N) lists (2000 for a million vectors), fewer when there are too few vectors to train
-    them. k-means grows with lists x training vectors (40 per list) x dimensions: on two shared
-    cores 4 sqrt(N) lists took longer than the whole 3-minute budget for 1M vectors (in 1024 and in
-    128 dimensions); 2 sqrt(N) in 128 dimensions builds in about a minute."""
+    them. k-means grows with lists x training vectors x dimensions: on two shared cores 4 sqrt(N)
+    lists took longer than the whole 3-minute budget for 1M vectors (in 1024 and in 128 dimensions);
+    2 sqrt(N) in 128 dimensions, 100 training vectors per list, builds in about half a minute."""
     return max(1, min(round(2 * math.sqrt(rows)), rows // _MIN_POINTS_PER_LIST))
 
 
@@ -145,10 +155,10 @@ def build_index(
         curve[probe] = float(recalls.mean())
         return lower_bound(recalls) >= target_recall
 
-    def reaches_with(rerank: int) -> bool:
-        _, found = reranked_search(index, matrix, held_out, RECALL_AT, rerank)
+    def reaches_with(rerank: int, rescore: int | None, record: dict, key) -> bool:
+        _, found = reranked_search(index, matrix, held_out, RECALL_AT, rerank, rescore)
         recalls = query_recalls(found, exact)
-        by_rerank[rerank] = float(recalls.mean())
+        record[key] = float(recalls.mean())
         return lower_bound(recalls) >= target_recall
 
     powers = sorted({min(2**p, nlist) for p in range(int(math.log2(nlist)) + 2)})
@@ -160,11 +170,13 @@ def build_index(
         nprobe = next((p for p in sorted({below + (nprobe - below) * j // 4 for j in (1, 2, 3)} - {below, nprobe}) if reaches(p)), nprobe)
     ivf.nprobe = nprobe
     by_rerank = {RERANK: curve[nprobe]}
-    rerank = next((r for r in RERANK_STEPS if reaches_with(r)), RERANK)
+    rerank = next((r for r in RERANK_STEPS if reaches_with(r, None, by_rerank, r)), RERANK)
+    by_rescore: dict[float, float] = {}
+    rescore = next((f for f in RESCORE_STEPS if f * RECALL_AT < rerank * RECALL_AT and reaches_with(rerank, rescored(f, RECALL_AT), by_rescore, f)), None)
     started = time.perf_counter()
     index.add_with_ids(held_out, query_rows)  # held out for tuning only: the index covers every image
     build_seconds += time.perf_counter() - started
-    caption_recall = _caption_recall(store, index, matrix, queries, rng, rerank) if "captions" in record else None
+    caption_recall = _caption_recall(store, index, matrix, queries, rng, rerank, rescore) if "captions" in record else None
 
     folder = store.root / INDEX_DIR
     folder.mkdir(parents=True, exist_ok=True)
@@ -173,15 +185,17 @@ def build_index(
     index_record = {
         "type": kind,
         "rerank": rerank,
+        "rescore": rescore,
         "metric": "inner_product",
         "vectors": n,
         "dimension": dim,
         "nlist": nlist,
         "nprobe": nprobe,
         "target_recall": target_recall,
-        f"recall_at_{RECALL_AT}": by_rerank[rerank],
+        f"recall_at_{RECALL_AT}": by_rescore[rescore] if rescore is not None else by_rerank[rerank],
         "recall_by_nprobe": {str(k): v for k, v in sorted(curve.items())},
         "recall_by_rerank": {str(k): v for k, v in sorted(by_rerank.items())},
+        "recall_by_rescore": {str(k): v for k, v in sorted(by_rescore.items())},
         "held_out_queries": len(held_out),
         f"caption_recall_at_{RECALL_AT}": caption_recall,
         "build_seconds": round(build_seconds, 3),
@@ -191,28 +205,54 @@ def build_index(
     return index_record
 
 
-def reranked_search(index, matrix: Matrix, queries: np.ndarray, k: int, rerank: int = RERANK) -> tuple[np.ndarray, np.ndarray]:
-    """The index's ``rerank`` x k candidates per query, ranked by exact score (score descending,
-    ties to the lower row): ([Q, k'] scores, [Q, k'] rows)."""
+def rescored(factor: float | None, k: int) -> int | None:
+    """Candidates per query scored exactly for a tuned ``rescore`` factor (None: all of them)."""
+    return None if factor is None else math.ceil(factor * k)
+
+
+def reranked_search(index, matrix: Matrix, queries: np.ndarray, k: int, rerank: int = RERANK, rescore: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The index's ``rerank`` x k candidates per query, the ``rescore`` best of them by approximate
+    score (None: all) ranked by exact score (score descending, ties to the lower row): ([Q, k']
+    scores, [Q, k'] rows). A batch is cut into one piece per core, each searched by FAISS in one
+    thread and re-ranked in its own thread, so that one piece's re-ranking (numpy, mostly one core)
+    runs beside another's scan: measured at 1M x 1024, 200 queries took 25 ms instead of 32 ms with
+    FAISS's own threads over the whole batch. After FAISS, each query's answer is its own; FAISS's
+    arithmetic (BLAS for batches of 20 or more) may round differently with the batch size, which can
+    only change a candidate that ties another at the edge of a list or of the ``rerank`` x k."""
+    faiss = _faiss()
     queries = np.ascontiguousarray(queries, dtype=np.float32)
-    _, found = index.search(queries, min(rerank * k, matrix.rows))
-    query, column = np.nonzero(found >= 0)
-    scores, rows = candidate_top_k(queries, matrix, query, found[query, column], k)
+    pieces = max(1, min(faiss.omp_get_max_threads(), len(queries) // _MIN_PIECE_QUERIES))
+
+    def search(piece: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if pieces > 1:
+            faiss.omp_set_num_threads(1)  # this thread's own setting: the pieces are the parallelism
+        _, found = index.search(queries[piece], min(rerank * k, matrix.rows))
+        return candidate_top_k(queries[piece], matrix, found, k, rescore)
+
+    if pieces == 1:
+        scores, rows = search(np.arange(len(queries)))
+    else:
+        with concurrent.futures.ThreadPoolExecutor(pieces, thread_name_prefix="shnet-ann") as pool:
+            answers = list(pool.map(search, np.array_split(np.arange(len(queries)), pieces)))
+        width = max(a[1].shape[1] for a in answers)
+        scores = np.concatenate([np.pad(s, ((0, 0), (0, width - s.shape[1])), constant_values=-np.inf) for s, _ in answers])
+        rows = np.concatenate([np.pad(r, ((0, 0), (0, width - r.shape[1])), constant_values=-1) for _, r in answers])
     return scores.astype(np.float32), rows
 
 
-def _caption_recall(store: EmbeddingStore, index, matrix: Matrix, queries: int, rng: np.random.Generator, rerank: int) -> float:
+def _caption_recall(store: EmbeddingStore, index, matrix: Matrix, queries: int, rng: np.random.Generator, rerank: int, rescore: float | None) -> float:
     """Recall@10 of the tuned index for caption (text-to-image) queries."""
     entry = store.complete_part("captions")
     rows = np.sort(rng.choice(entry["rows"], size=min(entry["rows"], queries), replace=False))
     texts = store.matrix("captions").take(rows).astype(np.float32)
     _, exact = exact_top_k(texts, matrix, RECALL_AT)
-    _, found = reranked_search(index, matrix, texts, RECALL_AT, rerank)
+    _, found = reranked_search(index, matrix, texts, RECALL_AT, rerank, rescored(rescore, RECALL_AT))
     return recall_at(found, exact)
 
 
-def load_index(store: EmbeddingStore) -> tuple[object, int]:
-    """The saved index with its tuned nprobe, and its tuned re-ranking factor; refuses one built for
+def load_index(store: EmbeddingStore) -> tuple[object, int, float | None]:
+    """The saved index with its tuned nprobe, and its tuned candidate and re-scoring factors (an
+    index built before re-scoring was tuned: every candidate re-scored); refuses one built for
     another image list."""
     faiss = _faiss()
     folder = store.root / INDEX_DIR
@@ -223,9 +263,9 @@ def load_index(store: EmbeddingStore) -> tuple[object, int]:
         raise ShnetError(f"{folder} was built for other images than the store holds now; rebuild it with `shnet encode ... --index`")
     index = faiss.read_index(str(folder / INDEX_FILE))
     faiss.extract_index_ivf(index).nprobe = index_record["nprobe"]
-    return index, index_record["rerank"]
+    return index, index_record["rerank"], index_record.get("rescore")
 
 
 def ann_top_k(store: EmbeddingStore, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    index, rerank = load_index(store)
-    return reranked_search(index, store.matrix("images"), queries, k, rerank)
+    index, rerank, rescore = load_index(store)
+    return reranked_search(index, store.matrix("images"), queries, k, rerank, rescored(rescore, k))
