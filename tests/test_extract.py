@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import h5py
 import numpy as np
@@ -596,6 +597,24 @@ def test_a_failed_build_ahead_is_reported_as_the_tasks_own_failed_build(photo_di
         assert text.count("RuntimeError: the weights went away") == 6 and len(builds) == 6, "3 attempts per shard, one build each"
     assert outputs[0] == outputs[1] and any("RuntimeError: the weights went away" in line for line in outputs[1]), outputs
     assert logs[0] == logs[1]
+
+
+def test_embedded_workers_run_without_dask_s_profiler_and_keep_the_rest_of_the_config():
+    import dask
+    from dask.distributed import Client
+
+    from shnet.pipeline import executors
+
+    request = SimpleNamespace(threads_per_worker=1, device="cpu")
+    with dask.config.set({"distributed.worker.memory.target": 0.55}):
+        cluster = executors.start_local_cluster(request, 1)
+    try:
+        with Client(cluster) as client:
+            seen = client.run(lambda: (dask.config.get("distributed.worker.profile.enabled"), dask.config.get("distributed.worker.memory.target")))
+    finally:
+        cluster.close()
+    assert list(seen.values()) == [(False, 0.55)]
+    assert dask.config.get("distributed.worker.profile.enabled")  # this process's own config untouched
 
 
 def test_embedded_workers_log_dask_records_to_the_cache_not_the_terminal(tmp_path):
