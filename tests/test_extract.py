@@ -599,6 +599,24 @@ def test_a_failed_build_ahead_is_reported_as_the_tasks_own_failed_build(photo_di
     assert logs[0] == logs[1]
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator settings")
+def test_a_worker_process_keeps_the_memory_a_batch_freed_for_the_next():
+    """A worker (started by Dask with MALLOC_TRIM_THRESHOLD_ set) keeps its heap's freed top instead of
+    giving it back after every batch and faulting it in again for the next."""
+    script = (
+        "import os, numpy as np\n"
+        "from shnet.pipeline.worker import setup_process\n"
+        "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')\n"
+        "setup_process(1, 'cpu')\n"
+        "before = rss()\n"
+        "batch = [np.ones(2_000_000) for _ in range(20)]  # 16 MB each: below the mmap threshold, in the heap\n"
+        "del batch\n"
+        "print((rss() - before) >> 20)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, env={**os.environ, "MALLOC_TRIM_THRESHOLD_": "65536"})
+    assert int(result.stdout) >= 250, f"{result.stdout.strip()} MB of the 320 MB freed kept"
+
+
 def test_embedded_workers_run_without_dask_s_profiler_and_keep_the_rest_of_the_config():
     import dask
     from dask.distributed import Client
