@@ -617,21 +617,21 @@ def test_a_worker_process_keeps_the_memory_a_batch_freed_for_the_next():
     assert int(result.stdout) >= 250, f"{result.stdout.strip()} MB of the 320 MB freed kept"
 
 
-def test_embedded_workers_run_without_dask_s_profiler_and_keep_the_rest_of_the_config():
+def test_embedded_workers_run_without_dask_s_profiler_and_monitors_and_keep_the_rest_of_the_config():
     import dask
     from dask.distributed import Client
 
     from shnet.pipeline import executors
 
     request = SimpleNamespace(threads_per_worker=1, device="cpu")
-    with dask.config.set({"distributed.worker.memory.target": 0.55}):
-        cluster = executors.start_local_cluster(request, 1)
+    cluster = executors.start_local_cluster(request, 1)
     try:
         with Client(cluster) as client:
-            seen = client.run(lambda: (dask.config.get("distributed.worker.profile.enabled"), dask.config.get("distributed.worker.memory.target")))
+            keys = ("worker.profile.enabled", "worker.memory.pause", "worker.memory.terminate", "worker.memory.monitor-interval", "admin.system-monitor.interval", "scheduler.work-stealing")
+            seen = client.run(lambda: [dask.config.get(f"distributed.{key}") for key in keys])
     finally:
         cluster.close()
-    assert list(seen.values()) == [(False, 0.55)]
+    assert list(seen.values()) == [[False, False, dask.config.get("distributed.worker.memory.terminate"), "1s", "5s", dask.config.get("distributed.scheduler.work-stealing")]]
     assert dask.config.get("distributed.worker.profile.enabled")  # this process's own config untouched
 
 
