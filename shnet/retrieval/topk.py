@@ -37,7 +37,7 @@ from .bfloat16 import bfloat16_bits, bfloat16_bits_up, bfloat16_values, screen_e
 from .projection import Projected, basis_of, project, query_side
 
 RESCORE_ROWS = 8192  # candidate rows gathered per step to be scored exactly
-_RESCORE_STEP = 128  # rows multiplied in float64 at a time (128 x D float64: in cache)
+_RESCORE_STEP = 256  # rows multiplied in float64 at a time (256 x D float64: in cache)
 # Scores per screen product (16 MiB of bfloat16): rows per product = this / queries, at least
 # MIN_CHUNK_ROWS. Measured on the busy 2 cores, each product costs milliseconds of thread start-up:
 # one query over 1M rows took 0.46-0.84 s in products of 16,384 rows, 0.15-0.17 s in 100,000;
@@ -110,13 +110,20 @@ class Matrix:
             raise IndexError(f"rows outside 0..{self.rows - 1}")
         source = self.screens if screens else self.blocks
         out = np.empty((len(rows), self.dimension), dtype=source[0].dtype if source else np.float32)
+        order = np.argsort(rows, kind="stable")  # read in row order, block by block
         block_of = np.searchsorted(self.starts, rows, side="right") - 1
-        for b in np.unique(block_of):
-            at = np.flatnonzero(block_of == b)
-            local = rows[at] - self.starts[b]
-            order = np.argsort(local, kind="stable")
-            out[at[order]] = source[b][local[order]]
+        for at in _by_block(order, block_of):
+            block = block_of[at[0]]
+            out[at] = source[block][rows[at] - self.starts[block]]
         return out
+
+
+def _by_block(at: np.ndarray, block_of: np.ndarray) -> list[np.ndarray]:
+    """``at`` (positions) cut into runs of one block each, positions in each run in the order given
+    (``at`` already in block order, e.g. by row, takes one pass)."""
+    if len(at) and (np.diff(block_of[at]) < 0).any():
+        at = at[np.argsort(block_of[at], kind="stable")]
+    return np.split(at, np.flatnonzero(np.diff(block_of[at])) + 1) if len(at) else []
 
 
 def rank(query: np.ndarray, scores: np.ndarray, rows: np.ndarray, queries: int, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -359,8 +366,8 @@ def approximate_scores(matrix: Matrix, queries: np.ndarray, found: np.ndarray) -
         dims = len(matrix.basis)
         values = np.zeros((len(flat), dims), np.float32)  # 0.0 for the rows scored otherwise
         high_halves = values.view("<u2").reshape(len(flat), dims, 2)[:, :, 1]  # bfloat16 bits are a float32's upper half
-        for block in np.unique(block_of[projected]):
-            at = np.flatnonzero(projected & (block_of == block))
+        for at in _by_block(np.flatnonzero(projected), block_of):
+            block = block_of[at[0]]
             high_halves[at] = matrix.projected[block].columns[flat[at] - matrix.starts[block], :dims]
         coordinates = np.stack([matrix.basis @ q for q in queries])  # one product per query: its own bits
         scores = np.einsum("qcr,qr->qc", values.reshape(n_queries, width, dims), coordinates).ravel()
