@@ -15,13 +15,13 @@ Measured on 1M x 1024 structured vectors (benchmarks/search_speed.py, 2 shared c
 4 raw dimensions each (PQ128/PQ256 without PCA) capped recall@10 at 0.93-0.94 whatever nprobe; an
 HNSW coarse quantizer capped it at 0.938 even with every list probed (lists its graph search never
 reached); an HNSW graph over the PCA128 vectors alone built in 97 s and scanned no faster than the
-lists for the same recall, at 768 MB. PCA128 with 2000 lists: k-means on 40 vectors per list needed
-nprobe 80 for recall@10 0.96, on 100 per list 48 (more brought nothing); 4000 lists scanned no faster
-for the same recall and took 4 minutes to build; PQ32 codes or PCA96 scanned 10-20% faster but
-needed twice the candidates for the same recall. The 4-bit codes order candidates so roughly that
-the true top 10 needs 10 x k of them (5 x k: recall 0.92); ordered by the projected columns, the
-best 1.5 x k of those keep their recall (1 x k: 0.92), and scoring 1.5 x k exactly instead of
-bounding all 10 x k made a batch 2.5x faster.
+lists for the same recall, at 768 MB. k-means on 40 vectors per list left the lists so rough that
+2000 lists needed nprobe 80 for recall@10 0.96 and 4000 scanned no faster; on 100 per list, 2000
+lists need 48-64 and 4000 lists 14-16, which scan in 60% of the time (see :func:`list_count`). PQ32
+codes or PCA96 scanned 10-20% faster but needed twice the candidates for the same recall. The 4-bit
+codes order candidates so roughly that the true top 10 needs 10 x k of them (5 x k: recall 0.92);
+ordered by the projected columns, the best 1.5 x k of those keep their recall (1 x k: 0.92), and
+scoring 1.5 x k exactly instead of bounding all 10 x k made a batch 2.5x faster.
 
 ``nprobe`` and the two factors are chosen at build time: the smallest power of two whose recall@10
 against exact search reaches the target on held-out queries (stored images kept out of training and
@@ -59,11 +59,13 @@ RERANK = 30  # codes scanned keep at most RERANK x k candidates per query
 RERANK_STEPS = (5, 10, 20)  # fewer tried at the tuned nprobe: each candidate is gathered and scored
 RESCORE_STEPS = (1.0, 1.5, 2.0, 3.0)  # x k of each query's candidates scored exactly, best approximated first
 PCA_DIMENSIONS = 128
-_TRAIN_POINTS_PER_LIST = 100  # 40 left the lists so rough that recall@10 0.93 took nprobe 48 of 2000, 100: 0.96
+_TRAIN_POINTS_PER_LIST = 100  # k-means training vectors per list (40 left the lists rough: see the module's notes)
 _KMEANS_ITERATIONS = 10
 _MIN_POINTS_PER_LIST = 39  # faiss warns below this many training points per centroid
 _MIN_PIECE_QUERIES = 16  # a batch is searched in pieces of at least this many queries, one per core
-_MAX_TRAIN = 200_000  # k-means and the codebooks learn from at most this many vectors
+_MAX_TRAIN = 400_000  # k-means and the codebooks learn from at most this many vectors
+_PCA_TRAIN = 50_000  # the principal axes from at most this many of them
+_TRAIN_STEP = 65_536  # training vectors projected at a time
 
 
 def _faiss():
@@ -75,11 +77,11 @@ def _faiss():
 
 
 def list_count(rows: int) -> int:
-    """2 sqrt(N) lists (2000 for a million vectors), fewer when there are too few vectors to train
-    them. k-means grows with lists x training vectors x dimensions: on two shared cores 4 sqrt(N)
-    lists took longer than the whole 3-minute budget for 1M vectors (in 1024 and in 128 dimensions);
-    2 sqrt(N) in 128 dimensions, 100 training vectors per list, builds in about half a minute."""
-    return max(1, min(round(2 * math.sqrt(rows)), rows // _MIN_POINTS_PER_LIST))
+    """4 sqrt(N) lists (4000 for a million vectors), fewer when there are too few vectors to train
+    them. Measured at 1M x 1024 on 2 cores, k-means in 128 dimensions on 100 vectors per list: 4000
+    lists reach recall@10 0.96 probing 14-16 of them (FAISS 8 ms per 100 queries, one thread) and
+    build in about a minute; 2000 lists needed 64 (13 ms)."""
+    return max(1, min(round(4 * math.sqrt(rows)), rows // _MIN_POINTS_PER_LIST))
 
 
 def index_type(rows: int, dimension: int) -> str:
@@ -128,16 +130,15 @@ def build_index(
     candidates = np.setdiff1d(np.arange(n), query_rows)
     train_size = min(len(candidates), max(nlist * _TRAIN_POINTS_PER_LIST, 16 * _MIN_POINTS_PER_LIST), _MAX_TRAIN)
     train_rows = np.sort(rng.choice(candidates, size=train_size, replace=False))
-    train, held_out = matrix.take(train_rows).astype(np.float32), matrix.take(query_rows).astype(np.float32)
+    held_out = matrix.take(query_rows).astype(np.float32)
 
     kind = index_type(n, dim)
     index = faiss.index_factory(dim, kind, faiss.METRIC_INNER_PRODUCT)
     ivf = faiss.extract_index_ivf(index)
     ivf.cp.niter = _KMEANS_ITERATIONS
     ivf.cp.seed = seed
-    log(f"index {kind}: training on {len(train)} of {n} vectors")
-    index.train(train)
-    del train
+    log(f"index {kind}: training on {train_size} of {n} vectors")
+    _train(faiss, index, matrix, train_rows)
     for chunk in matrix.chunks(65536):
         rows = np.arange(chunk.start, chunk.start + len(chunk.embeddings))
         keep = ~np.isin(rows, query_rows, assume_unique=True)
@@ -208,6 +209,20 @@ def build_index(
 def rescored(factor: float | None, k: int) -> int | None:
     """Candidates per query scored exactly for a tuned ``rescore`` factor (None: all of them)."""
     return None if factor is None else math.ceil(factor * k)
+
+
+def _train(faiss, index, matrix: Matrix, train_rows: np.ndarray) -> None:
+    """Train ``index`` (PCA, then the lists and codes on the projected vectors) on ``train_rows``:
+    the PCA on at most ``_PCA_TRAIN`` of them, the rest projected ``_TRAIN_STEP`` rows at a time, so
+    that 400,000 training vectors of 1024 take 200 MB, not 1.6 GB."""
+    pretransform = faiss.downcast_index(index)
+    pca = faiss.downcast_VectorTransform(pretransform.chain.at(0))
+    pca.train(matrix.take(train_rows[:: max(1, len(train_rows) // _PCA_TRAIN)]).astype(np.float32))
+    projected = np.concatenate(
+        [pca.apply(matrix.take(train_rows[lo : lo + _TRAIN_STEP]).astype(np.float32)) for lo in range(0, len(train_rows), _TRAIN_STEP)]
+    )
+    pretransform.index.train(projected)
+    pretransform.is_trained = True
 
 
 def reranked_search(index, matrix: Matrix, queries: np.ndarray, k: int, rerank: int = RERANK, rescore: int | None = None) -> tuple[np.ndarray, np.ndarray]:
