@@ -9,8 +9,8 @@ differs between stages is what they say about themselves.
 
 Start-up is kept off the critical path (:class:`Startup`): while the configs are checked, a background
 thread lists the images and starts the embedded cluster for a new cache; each worker then builds the
-run's models while the probe runs (:func:`~shnet.pipeline.worker.build_ahead`). A run refused before
-its first task (a config, the lock) does not wait for that cluster: its workers are stopped at once.
+run's models while the probe runs (:func:`~shnet.pipeline.worker.build_ahead`). No run waits for that
+cluster's workers to exit, whether it ended or was refused before its first task (a config, the lock).
 """
 
 from __future__ import annotations

@@ -149,18 +149,16 @@ def build_index(
     _, exact = exact_top_k(held_out, matrix, RECALL_AT, exclude=query_rows)
     curve: dict[int, float] = {}
 
-    def reaches(probe: int) -> bool:
-        ivf.nprobe = probe
-        _, found = reranked_search(index, matrix, held_out, RECALL_AT)
-        recalls = query_recalls(found, exact)
-        curve[probe] = float(recalls.mean())
-        return lower_bound(recalls) >= target_recall
-
-    def reaches_with(rerank: int, rescore: int | None, record: dict, key) -> bool:
+    def reaches_with(rerank: int, rescore: int | None, recalls_by: dict, key) -> bool:
+        """Whether the index as set reaches the target; its mean recall kept in ``recalls_by[key]``."""
         _, found = reranked_search(index, matrix, held_out, RECALL_AT, rerank, rescore)
         recalls = query_recalls(found, exact)
-        record[key] = float(recalls.mean())
+        recalls_by[key] = float(recalls.mean())
         return lower_bound(recalls) >= target_recall
+
+    def reaches(probe: int) -> bool:
+        ivf.nprobe = probe
+        return reaches_with(RERANK, None, curve, probe)
 
     powers = sorted({min(2**p, nlist) for p in range(int(math.log2(nlist)) + 2)})
     nprobe = next((p for p in powers if reaches(p)), None)
@@ -173,7 +171,7 @@ def build_index(
     by_rerank = {RERANK: curve[nprobe]}
     rerank = next((r for r in RERANK_STEPS if reaches_with(r, None, by_rerank, r)), RERANK)
     by_rescore: dict[float, float] = {}
-    rescore = next((f for f in RESCORE_STEPS if f * RECALL_AT < rerank * RECALL_AT and reaches_with(rerank, rescored(f, RECALL_AT), by_rescore, f)), None)
+    rescore = next((f for f in RESCORE_STEPS if f < rerank and reaches_with(rerank, rescored(f, RECALL_AT), by_rescore, f)), None)
     started = time.perf_counter()
     index.add_with_ids(held_out, query_rows)  # held out for tuning only: the index covers every image
     build_seconds += time.perf_counter() - started
