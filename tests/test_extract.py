@@ -617,6 +617,31 @@ def test_a_worker_process_keeps_the_memory_a_batch_freed_for_the_next():
     assert int(result.stdout) >= 250, f"{result.stdout.strip()} MB of the 320 MB freed kept"
 
 
+def test_a_task_in_an_embedded_worker_keeps_the_large_buffers_it_freed_for_the_next_batch():
+    """A task runs in a thread of the worker: its 80 MB buffers (an activation's size) come from the one
+    heap and stay there when freed, instead of being mapped afresh and faulted in every batch."""
+    from dask.distributed import Client
+
+    from shnet.pipeline import executors
+
+    def kept_megabytes():
+        import numpy as np
+
+        rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")  # noqa: E731
+        before = rss()
+        batch = [np.ones(10_000_000) for _ in range(8)]
+        del batch
+        return (rss() - before) >> 20
+
+    cluster = executors.start_local_cluster(SimpleNamespace(threads_per_worker=1, device="cpu"), 1)
+    try:
+        with Client(cluster) as client:
+            kept = client.submit(kept_megabytes, pure=False).result()
+    finally:
+        cluster.close()
+    assert kept >= 500, f"{kept} MB of the 640 MB freed kept"
+
+
 def test_embedded_workers_run_without_dask_s_profiler_and_monitors_and_keep_the_rest_of_the_config():
     import dask
     from dask.distributed import Client

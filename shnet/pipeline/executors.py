@@ -24,13 +24,14 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Iterator
 
+from distributed import Nanny
 from distributed.core import Status
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from ..cache import Cache
 from ..errors import ShnetError
 from .stages.base import ShardJob
-from .worker import build_ahead, clear_models, in_this_process, one_line, run_shard, setup_process
+from .worker import ALLOCATOR_ENVIRONMENT, build_ahead, clear_models, in_this_process, one_line, run_shard, setup_process
 
 IN_PROCESS = "in-process"
 
@@ -163,6 +164,7 @@ def start_local_cluster(request, n_workers: int, wait: bool = True):
         resources={"GPU": 1} if request.device == "cuda" else None,
         preload=list(WORKER_PRELOAD),
         config=embedded_worker_config(),
+        worker_class=EmbeddedNanny,
     )
     while len(cluster.worker_spec) < n_workers:
         cluster.worker_spec.update(cluster.new_worker_spec())
@@ -186,6 +188,18 @@ def embedded_worker_config() -> dict:
         "admin": {"system-monitor": {"interval": "5s"}},
     }
     return dask.config.merge(dask.config.config, {"distributed": quiet})
+
+
+class EmbeddedNanny(Nanny):
+    """The nanny of an embedded worker: spawns it with glibc's allocator set as
+    :func:`~shnet.pipeline.worker.setup_process` sets it (one heap for all threads, no mapping per
+    large allocation, freed memory kept) in place of Dask's pre-spawn trim threshold, so that the
+    thread Dask runs tasks in gets the main heap from its first allocation on."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pre_spawn_env.update(ALLOCATOR_ENVIRONMENT)
+        self.env.update(ALLOCATOR_ENVIRONMENT)
 
 
 # imported by each embedded worker as it starts (in the cluster's start, off the critical path),
