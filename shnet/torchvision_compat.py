@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 import threading
+import types
 
 import numpy as np
 import torch
@@ -262,13 +264,42 @@ def ensure_torchvision():
                 _STATE["library"] = _register_fallback_ops()
                 _STATE["fallback"] = True
             _STATE["checked"] = True
-            import torchvision
-
+            _import_torchvision_without_dynamo()
             if _STATE["fallback"]:
                 _point_wrappers_at_fallbacks()
     import torchvision
 
     return torchvision
+
+
+DEFERRED_MODULE = "torch._dynamo.utils"
+
+
+def _import_torchvision_without_dynamo() -> None:
+    """Import torchvision without importing TorchDynamo. ``torchvision.ops.roi_align`` imports
+    ``torch._dynamo.utils`` for one function, ``is_compile_supported``, which it calls only on its
+    ``torch.compile`` path (its own comment says it means not to import dynamo eagerly); importing
+    dynamo costs 1.1 s of CPU in every process that imports torchvision, i.e. in each extract worker
+    and the extract itself, on the cores the workers start on. While torchvision imports, that
+    module's name resolves to a stand-in whose ``is_compile_supported`` imports the real one when it
+    is first called; afterwards the name is free again for the real module."""
+    if DEFERRED_MODULE in sys.modules or "torchvision" in sys.modules:
+        import torchvision  # noqa: F401
+        return
+    stand_in = types.ModuleType(DEFERRED_MODULE)
+
+    def is_compile_supported(device_type):
+        from torch._dynamo.utils import is_compile_supported as real
+
+        return real(device_type)
+
+    stand_in.is_compile_supported = is_compile_supported
+    sys.modules[DEFERRED_MODULE] = stand_in
+    try:
+        import torchvision  # noqa: F401
+    finally:
+        if sys.modules.get(DEFERRED_MODULE) is stand_in:
+            del sys.modules[DEFERRED_MODULE]
 
 
 def using_fallback_ops() -> bool:

@@ -134,6 +134,20 @@ def test_import_of_the_cli_is_torch_free():
     assert out.stdout.strip() == "[]"
 
 
+def test_a_command_leaves_what_is_alive_at_exit_out_of_the_last_collections(small_cache):
+    """After a command, everything still alive is frozen out of the interpreter's exit collections
+    (with torch and Dask loaded they took a second after the command's last line)."""
+    probe = (
+        "import atexit, gc, sys\n"
+        "atexit.register(lambda: print('frozen at exit', gc.get_freeze_count() > 1000, flush=True))\n"
+        "from shnet.cli import main\n"
+        "main(['inspect', 'cache'])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], cwd=small_cache, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.splitlines()[-1] == "frozen at exit True"
+
+
 def test_inspect_fits_an_80_column_terminal(small_cache):
     env = dict(os.environ, COLUMNS="80")
     out = subprocess.run([sys.executable, "-m", "shnet", "inspect", "cache"], cwd=small_cache, env=env, capture_output=True, text=True, check=True).stdout

@@ -255,3 +255,27 @@ def test_nothing_is_registered_when_the_extension_loads():
     if using_fallback_ops():  # this machine's torchvision cannot load without shnet's help
         assert "operator torchvision::nms does not exist" in out
         assert "nms kernel False" in out
+
+
+def test_torchvision_imports_without_dynamo_and_its_compile_check_still_answers():
+    """torchvision's roi_align module imports TorchDynamo for one check it makes only on its
+    torch.compile path; importing torchvision through shnet, and building a torchvision grid
+    backbone, leave dynamo (and timm, which imports it) unloaded until that check runs, and the
+    check then answers as dynamo's own does."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, shnet.torchvision_compat as c\n"
+        "c.ensure_torchvision()\n"
+        "from shnet.pipeline.models.grid import build_grid_backbone\n"
+        "build_grid_backbone('resnet18', 'random')\n"
+        "print('dynamo loaded', 'torch._dynamo' in sys.modules or 'timm' in sys.modules)\n"
+        "check = sys.modules['torchvision.ops.roi_align'].is_compile_supported\n"
+        "answers = [check('cpu'), check('meta')]\n"
+        "from torch._dynamo.utils import is_compile_supported\n"
+        "print('same answers', answers == [is_compile_supported('cpu'), is_compile_supported('meta')])\n"
+        "print('real module', sys.modules['torch._dynamo.utils'].__file__ is not None)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split("\n")[:3] == ["dynamo loaded False", "same answers True", "real module True"], out.stderr[-2000:]

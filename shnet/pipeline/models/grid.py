@@ -17,7 +17,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import timm
 import torch
 import torchvision
 from torch import nn
@@ -146,6 +145,8 @@ def _torchvision_backbone(model: str) -> GridBackbone:
 
 
 def _timm_backbone(model: str) -> GridBackbone:
+    import timm  # here, not at the top: timm imports TorchDynamo (1 s per process), torchvision models need neither
+
     name = model[len(TIMM_PREFIX) :]
     if not timm.is_model(name):
         close = timm.list_models(f"*{name}*")[:10]
