@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Mapping
 
 import numpy as np
-import torch
 
 from .errors import CheckpointMismatchError, ShnetError
 from .fileio import content_sha256
@@ -117,6 +116,8 @@ def load_weights_file(path: str | Path, extra_safe_globals: tuple = ()) -> objec
             raise ShnetError(f"{path}: not a readable .safetensors file ({str(exc).splitlines()[0]}); copy or save it again") from exc
     if suffix == ".pkl":
         return load_pickle_arrays(path)
+    import torch
+
     try:
         if extra_safe_globals:
             with torch.serialization.safe_globals(list(extra_safe_globals)):
@@ -179,6 +180,8 @@ def _pickle_globals(payload: bytes) -> list[str]:
 
 def to_tensor_dict(state: Mapping) -> dict[str, torch.Tensor]:
     """Tensors (numpy arrays converted) of a flat state mapping; non-array entries dropped."""
+    import torch
+
     out = {}
     for key, value in state.items():
         if isinstance(value, torch.Tensor):

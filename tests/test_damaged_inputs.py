@@ -197,6 +197,13 @@ def test_weights_that_are_not_weights(extracted, tmp_path, extract):
     refused(shnet("evaluate", fifo, "--cache", extracted), str(fifo), "not a regular file")
 
 
+def test_an_unknown_grid_model_is_refused_before_any_work_whatever_the_weights(tmp_path, extract):
+    for weights in ("random", tmp_path / "absent.pth"):
+        output = refused(extract("--sample", "-o", tmp_path / "c", *SMOKE, "--set", "grid.model=resnet5O", "--set", f"grid.weights={weights}", ok=False), "resnet5O", "resnet50", "timm:<name>")
+        assert "absent.pth" not in output  # the name is checked first
+    assert not (tmp_path / "c").exists()
+
+
 # --- caption files, import / export, train ---------------------------------------------------------
 
 

@@ -129,6 +129,15 @@ def test_light_commands_start_without_torch(small_cache, args):
     assert _modules_after(args, small_cache) == []
 
 
+def test_a_grid_extract_with_random_weights_leaves_torch_to_its_workers(tmp_path):
+    """The extract's own process checks a known architecture with random weights by name: torch (1-2 s
+    to import) is imported by the workers only, not on the same cores as they start."""
+    args = ["extract", "--sample", "-o", "cache", "--stages", "grid", "--workers", "1",
+            "--set", "grid.model=resnet18", "--set", "grid.weights=random", "--set", "grid.input_size=64"]
+    assert _modules_after(args, tmp_path) == ["distributed"]
+    assert list((tmp_path / "cache" / "grid").glob("*.done"))
+
+
 def test_import_of_the_cli_is_torch_free():
     out = subprocess.run([sys.executable, "-c", "import sys, shnet.cli; print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'distributed', 'matplotlib', 'dask')))"], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -23,23 +23,8 @@ from torch import nn
 
 from ...errors import CheckpointMismatchError, ShnetError
 from ...weights import mismatch_report, read_state_dict
+from ..grid_backbones import BUTD_ARCHITECTURES, RANDOM_WEIGHTS, TIMM_PREFIX, check_backbone_name
 
-TORCHVISION_ARCHITECTURES = (
-    "resnet18",
-    "resnet34",
-    "resnet50",
-    "resnet101",
-    "resnet152",
-    "resnext50_32x4d",
-    "resnext101_32x8d",
-    "resnext101_64x4d",
-    "wide_resnet50_2",
-    "wide_resnet101_2",
-)
-TIMM_PREFIX = "timm:"
-#: the bottom-up-attention detector's own trunk (backbone + VG res5), loading the detector's checkpoint
-BUTD_ARCHITECTURES = {"butd-r101": 101, "butd-r50": 50}
-RANDOM_WEIGHTS = "random"
 RANDOM_SEED = 0
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -131,12 +116,8 @@ def _architecture(model: str) -> GridBackbone:
         return GridBackbone(trunk, model, trunk.channels, trunk.stride, RGB_MEAN, RGB_STD)
     if model.startswith(TIMM_PREFIX):
         return _timm_backbone(model)
-    if model in TORCHVISION_ARCHITECTURES:
-        return _torchvision_backbone(model)
-    raise ShnetError(
-        f"unknown grid model {model!r}: use one of {', '.join(TORCHVISION_ARCHITECTURES + tuple(BUTD_ARCHITECTURES))}, "
-        f"or timm:<name> for a timm CNN (e.g. timm:resnet152)"
-    )
+    check_backbone_name(model)
+    return _torchvision_backbone(model)
 
 
 def _torchvision_backbone(model: str) -> GridBackbone:

@@ -7,12 +7,12 @@ ratio instead, pads to the square input, and records the valid cells in ``valid_
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from ...weights import weights_identity
 from ...errors import ShnetError
 from ...cache import schema
 from .base import ImageStage, StageOutput
+from ..grid_backbones import check_backbone_name, weights_to_check
 from ...devices import autocast, place_model
 
 
@@ -30,10 +30,13 @@ class GridStage(ImageStage):
         if size < 32 or size % 32:
             raise ShnetError(f"grid.input_size must be a multiple of 32 of at least 32 (got {size})")
         config["input_size"] = size
+        check_backbone_name(config["model"])
         config["weights_sha256"] = weights_identity(config["weights"])
         return config
 
     def check(self, config):
+        if not weights_to_check(config["model"], config["weights"]):
+            return
         from ..models.grid import check_grid_weights
 
         check_grid_weights(config["model"], config["weights"])
@@ -58,6 +61,8 @@ class GridStage(ImageStage):
         return preprocess(rgb, config["input_size"], config["resize"], model.mean, model.std, model.stride)
 
     def infer(self, model, prepared, config, device):
+        import torch
+
         images = torch.from_numpy(np.stack([p[0] for p in prepared]))
         valid = np.asarray([p[1] for p in prepared], dtype=np.int16)
         with torch.inference_mode(), autocast(device, "float16"):

@@ -7,7 +7,6 @@ learned contextual encoder-decoder network, local weights).
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from ...weights import weights_identity
 from ...errors import ShnetError
@@ -77,6 +76,8 @@ class SaliencyStage(ImageStage):
         if config["backend"] == "spectral_residual":
             maps = np.stack(prepared)
         else:
+            import torch
+
             from ..models.msinet import restore_map
 
             batch = torch.from_numpy(np.stack([pixels for pixels, _ in prepared])).to(device)
