@@ -652,12 +652,16 @@ def test_embedded_workers_run_without_dask_s_profiler_and_monitors_and_keep_the_
     cluster = executors.start_local_cluster(request, 1)
     try:
         with Client(cluster) as client:
-            keys = ("worker.profile.enabled", "worker.memory.pause", "worker.memory.terminate", "worker.memory.monitor-interval", "admin.system-monitor.interval", "scheduler.work-stealing")
+            keys = ("worker.profile.enabled", "worker.memory.pause", "worker.memory.terminate", "worker.memory.monitor-interval", "admin.system-monitor.interval", "admin.tick.interval", "scheduler.work-stealing")
             seen = client.run(lambda: [dask.config.get(f"distributed.{key}") for key in keys])
+            worker_ticks = client.run(lambda dask_worker: dask_worker.periodic_callbacks["tick"].callback_time)
+        ticks = [cluster.scheduler.periodic_callbacks["tick"].callback_time] + [nanny.periodic_callbacks["tick"].callback_time for nanny in cluster.workers.values()]
     finally:
         cluster.close()
-    assert list(seen.values()) == [[False, False, dask.config.get("distributed.worker.memory.terminate"), "1s", "5s", dask.config.get("distributed.scheduler.work-stealing")]]
+    assert list(seen.values()) == [[False, False, dask.config.get("distributed.worker.memory.terminate"), "1s", "5s", "1s", dask.config.get("distributed.scheduler.work-stealing")]]
+    assert ticks == [1000, 1000] and list(worker_ticks.values()) == [1000]  # scheduler, nanny, worker: ms
     assert dask.config.get("distributed.worker.profile.enabled")  # this process's own config untouched
+    assert dask.config.get("distributed.admin.tick.interval") == "20ms"
 
 
 def test_embedded_workers_log_dask_records_to_the_cache_not_the_terminal(tmp_path):
