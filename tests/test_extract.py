@@ -679,3 +679,34 @@ def test_embedded_workers_log_dask_records_to_the_cache_not_the_terminal(tmp_pat
     assert result.stdout == "" and result.stderr == ""
     written = log.read_text()
     assert "distributed.worker ERROR Failed to communicate with scheduler" in written and "OSError: scheduler gone" in written
+
+
+@pytest.mark.parametrize("device, threads, ahead", [("cpu", 2, False), ("cpu", 1, True), ("cuda:0", 2, True)])
+def test_a_batch_is_decoded_ahead_unless_a_team_of_torch_threads_runs_the_model_on_the_cpu(photo_dir, device, threads, ahead):
+    """A decode thread beside a team of torch threads on the CPU preempts one of them (and the team
+    waits for it): there the next batch is decoded in line, in the task's thread; elsewhere ahead."""
+    import threading
+
+    import torch
+
+    from shnet.pipeline.images import discover_images
+    from shnet.pipeline.stages.base import ImageStage, ShardJob
+
+    class Recording(ImageStage):
+        threads_seen: list = []
+
+        def prepare(self, rgb, config, model):
+            self.threads_seen.append(threading.current_thread().name)
+            return rgb.shape
+
+    images = discover_images([photo_dir]).assign(row=lambda t: range(len(t)), status="ok", error="")
+    job = ShardJob(cache_root="", stage="recording", shard=0, images=images, config={}, device=device, batch_size=2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        batches = list(Recording()._prefetched_batches(images, job, None))
+    finally:
+        torch.set_num_threads(before)
+    assert sum(len(rows) for rows, *_ in batches) == len(images) >= 3
+    in_task_thread = {name == threading.current_thread().name for name in Recording.threads_seen}
+    assert in_task_thread == {not ahead}, Recording.threads_seen
