@@ -4,7 +4,7 @@ The pipeline run is a real `shnet extract --stages grid` (probe included) on an 
 LocalCluster, timed from the command start to its end (cluster start, model loads, decoding, HDF5
 writes included). The bare loop runs the same model over the same images in one process with the
 same total number of threads: decode, preprocess, batched forward; model build not timed; the
-process set up as an extract worker's is (``setup_process``: glibc's mmap and trim thresholds raised, thread
+process set up as an extract worker's is (``setup_process``: glibc's allocator keeping large buffers and freed memory in one heap, thread
 pools pinned), so that the ratio measures the pipeline, not the allocator.
 
     python benchmarks/extract_throughput.py [--images 96] [--model resnet50] [--input-size 512] [--repeats 1]

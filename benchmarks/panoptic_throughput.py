@@ -8,7 +8,7 @@ published COCO-panoptic configuration) with its image processor (shortest edge `
 - bare: one process, the same threads: decode, the processor, the model over batches of equal-size
   images, the library's ``post_process_panoptic_segmentation`` to full resolution (stuff fused);
   model load and one warm-up batch not timed. This is the loop a user would write by hand, in a
-  process set up as an extract worker's is (``setup_process``: glibc's mmap and trim thresholds raised, thread
+  process set up as an extract worker's is (``setup_process``: glibc's allocator keeping large buffers and freed memory in one heap, thread
   pools pinned), so that the ratio measures the pipeline, not the allocator: in a plain process the
   Swin-T loop ran 1.5-3x slower (8 images at shortest edge 256, load ~3).
 - pipeline: a real ``shnet extract --stages panoptic`` (probe included) on an embedded LocalCluster,

@@ -3,7 +3,7 @@
 Bare: the random-initialised detector over images decoded and preprocessed beforehand (decode and
 preprocess excluded), batched as the stage batches them (the detector takes them one at a time), in
 one process with all cores' threads, set up as an extract worker's is (``setup_process``: glibc's
-mmap and trim thresholds raised, threads pinned), so that the ratio measures the pipeline, not the allocator.
+allocator keeping large buffers and freed memory in one heap, threads pinned), so that the ratio measures the pipeline, not the allocator.
 Pipeline: a real `shnet extract --stages regions` over the same images with one worker holding the
 same threads, timed from command start to end (cluster start, model build, decoding, HDF5 writes
 included). ``--sizes`` gives the image sizes in turn (several sizes: every batch mixes them). On a
