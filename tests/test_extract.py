@@ -563,6 +563,30 @@ def test_each_worker_builds_its_model_once_while_the_probe_runs(photo_dir, tmp_p
     assert sorted(m["model_built"] for m in markers) == [False, True], "the first task that takes the model reports it built"
 
 
+def test_the_workers_build_the_models_while_this_process_checks_the_configs(photo_dir, tmp_path, extract, monkeypatch):
+    """On a new cache the embedded workers are set up as soon as the configs are resolved: this
+    process's check of the grid config waits here until a worker has built the grid model (it would
+    wait forever, and fail at its deadline, if the build came after the check)."""
+    from shnet.pipeline.stages.grid import GridStage
+
+    built = tmp_path / "built"
+    built.mkdir()
+    monkeypatch.setenv(BUILT, str(built))
+    checks = []
+
+    def check_once_a_worker_built_the_model(self, config):
+        deadline = time.monotonic() + 120
+        while not list(built.glob("grid.*")):
+            assert time.monotonic() < deadline, "no worker built the grid model while the config was checked"
+            time.sleep(0.02)
+        checks.append(config["model"])
+
+    monkeypatch.setattr(GridStage, "check", check_once_a_worker_built_the_model)
+    extract(photo_dir, "-o", tmp_path / "cache", *SMOKE, "--stages", "grid", "--workers", "1", cluster=True)
+    assert checks == ["resnet50"] and [p.read_text() for p in built.iterdir()] == ["1"]
+    assert Cache(tmp_path / "cache").is_stage_complete("grid")
+
+
 def test_a_failed_build_ahead_is_reported_as_the_tasks_own_failed_build(photo_dir, tmp_path, extract, monkeypatch):
     """A build ahead that fails hands its error to the first task that needs the model: that attempt
     fails with it (one line, the traceback in the log), the next ones build again, as without it."""

@@ -61,8 +61,9 @@ def run_in_process(tasks: list[Task], device: str) -> Iterator[tuple[Task, dict]
 
 def run_on_dask(tasks: list[Task], request, cluster=None) -> Iterator[tuple[Task, dict]]:
     """Submit every task to a Dask cluster (each after its needs) and yield them as they finish.
-    ``cluster``: the embedded LocalCluster already started (:class:`ClusterStart`); None: the
-    cluster at ``request.scheduler``, or a LocalCluster started now for these tasks."""
+    ``cluster``: the embedded LocalCluster already started and set up for these tasks' models
+    (:class:`ClusterStart`); None: the cluster at ``request.scheduler``, or a LocalCluster started
+    now for these tasks."""
     from dask.distributed import as_completed
 
     run_token = uuid.uuid4().hex[:6]
@@ -118,14 +119,22 @@ def log_library_records_to(path: str) -> None:
     """In an embedded worker, Dask's log records (e.g. a heartbeat that meets the scheduler closing at
     the end of a run, with its traceback) are appended to ``path`` instead of the terminal the worker
     shares with the user's command; shnet reports what a user needs itself."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    handler = logging.FileHandler(path, delay=True)  # created by the first warning, if any
+    handler = _FolderMadeOnFirstRecord(path, delay=True)  # created by the first warning, if any
     handler.setLevel(logging.WARNING)
     handler.setFormatter(logging.Formatter(f"%(asctime)s worker {os.getpid()} %(name)s %(levelname)s %(message)s"))
     library = logging.getLogger("distributed")
     for stream in [h for h in library.handlers if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]:
         library.removeHandler(stream)
     library.addHandler(handler)
+
+
+class _FolderMadeOnFirstRecord(logging.FileHandler):
+    """A log file whose folder, like the file, is made by the first record: a worker set up before the
+    extract created its cache leaves the cache's folder as it found it."""
+
+    def _open(self):
+        os.makedirs(os.path.dirname(self.baseFilename), exist_ok=True)
+        return super()._open()
 
 
 def default_workers(device: str) -> int:
@@ -141,6 +150,11 @@ def available_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 1
+
+
+def torch_threads_per_worker(cluster, request) -> int:
+    """Torch threads for each task thread of an embedded worker: the cores shared between them."""
+    return max(1, available_cores() // (len(cluster.worker_spec) * request.threads_per_worker))
 
 
 def worker_count(request, num_tasks: int) -> int:
@@ -227,28 +241,51 @@ WORKER_PRELOAD = ("torch", "cv2")
 
 class ClusterStart:
     """The embedded LocalCluster started ahead, so that its worker processes come up (interpreters,
-    torch imported) while this process checks configs and lists images. ``num_tasks`` sizes it as
-    :func:`run_on_dask` would. The scheduler starts here (no worker: milliseconds); the workers start
-    in the cluster's own event loop. :meth:`get` waits for them (raising what stopped them) and hands
-    the cluster over; :meth:`close` shuts it down without waiting on its workers (:func:`close_quickly`):
-    after a run, or when an extract is refused or interrupted before its first task, those still
-    starting are killed, those that joined given a short grace."""
+    torch imported) while this process checks configs and lists images, and then build the run's
+    models while the configs are checked here. ``num_tasks`` sizes it as :func:`run_on_dask` would.
+    The scheduler starts here (no worker: milliseconds); the workers start in the cluster's own event
+    loop and are set up (:class:`WorkerSetup`, logging to ``log_file``) as soon as :meth:`build` names
+    the run's models. :meth:`get` waits for all that (raising what stopped it) and hands the cluster
+    over; :meth:`close` shuts it down without waiting on its workers (:func:`close_quickly`): after a
+    run, or when an extract is refused or interrupted before its first task, those still starting
+    are killed, those that joined given a short grace."""
 
-    def __init__(self, request, num_tasks: int):
+    def __init__(self, request, num_tasks: int, log_file: str | None = None):
         self._cluster = start_local_cluster(request, worker_count(request, num_tasks), wait=False)
+        self._models: concurrent.futures.Future = concurrent.futures.Future()  # None: the run ends before building any
         # (scale() would start them too, but a failed start would then only be logged, not raised)
-        self._workers = asyncio.run_coroutine_threadsafe(_started(self._cluster), self._cluster.loop.asyncio_loop)
+        self._workers = asyncio.run_coroutine_threadsafe(
+            _started(self._cluster, self._models, request, log_file), self._cluster.loop.asyncio_loop
+        )
+
+    def build(self, models: list[tuple[str, dict]]) -> None:
+        """Set the workers up to build ``models`` ((stage, config) pairs, resolved but maybe not yet
+        checked: a run refused by the check closes the cluster, builds and all)."""
+        if not self._models.done():
+            self._models.set_result(models)
 
     def get(self):
         self._workers.result()
         return self._cluster
 
     def close(self) -> None:
+        if not self._models.done():
+            self._models.set_result(None)
         close_quickly(self._cluster, self._workers)
 
 
-async def _started(cluster) -> None:
+async def _started(cluster, models: concurrent.futures.Future, request, log_file: str | None) -> None:
+    """Start the workers its spec names, then register the run's :class:`WorkerSetup` once its models
+    are known (nothing to register when the run ends first)."""
+    from dask.distributed import Client
+
     await cluster  # a SpecCluster awaited starts the workers its spec names
+    run_models = await asyncio.wrap_future(models)
+    if run_models is None:
+        return
+    setup = WorkerSetup(torch_threads_per_worker(cluster, request), request.device, run_models, log_file)
+    async with Client(cluster.scheduler_address, asynchronous=True) as client:
+        await client.register_plugin(setup, name=WorkerSetup.name)
 
 
 def close_quickly(cluster, started: concurrent.futures.Future | None = None) -> None:
@@ -290,9 +327,10 @@ def planned_task_count(num_images: int, num_stages: int, shard_size: int) -> int
 
 @contextlib.contextmanager
 def dask_client(request, num_tasks: int, models: list[tuple[str, dict]], cluster=None, log_file: str | None = None):
-    """A client on the embedded LocalCluster (``cluster``, or one started now), or on the cluster at
-    ``--scheduler``, with :class:`WorkerSetup` registered: every worker builds ``models`` ahead; the
-    embedded workers log Dask's records to ``log_file``."""
+    """A client on the embedded LocalCluster (``cluster``, started and set up ahead by
+    :class:`ClusterStart`, or one started now), or on the cluster at ``--scheduler``, with
+    :class:`WorkerSetup` registered: every worker builds ``models`` ahead; the embedded workers log
+    Dask's records to ``log_file``."""
     from dask.distributed import Client
 
     threads = request.threads_per_worker
@@ -316,10 +354,10 @@ def dask_client(request, num_tasks: int, models: list[tuple[str, dict]], cluster
     owned = cluster is None
     if owned:
         cluster = start_local_cluster(request, worker_count(request, num_tasks))
-    torch_threads = max(1, available_cores() // (len(cluster.worker_spec) * threads))
     client = Client(cluster)
     try:
-        client.register_plugin(WorkerSetup(torch_threads, request.device, models, log_file), name=WorkerSetup.name)
+        if owned:
+            client.register_plugin(WorkerSetup(torch_threads_per_worker(cluster, request), request.device, models, log_file), name=WorkerSetup.name)
         yield client
     finally:
         client.close()

@@ -7,10 +7,11 @@ images, same shard size, same stage configs), drop stale temporaries, and run on
 (:mod:`.executors`). Results stream back as small summaries. No stage is known here by name: what
 differs between stages is what they say about themselves.
 
-Start-up is kept off the critical path (:class:`Startup`): while the configs are checked, a background
+Start-up is kept off the critical path (:class:`Startup`): while the configs are resolved, a background
 thread lists the images and starts the embedded cluster for a new cache; each worker then builds the
-run's models while the probe runs (:func:`~shnet.pipeline.worker.build_ahead`). No run waits for that
-cluster's workers to exit, whether it ended or was refused before its first task (a config, the lock).
+run's models while this process checks the configs and the probe runs
+(:func:`~shnet.pipeline.worker.build_ahead`). No run waits for that cluster's workers to exit, whether
+it ended or was refused before its first task (a config, the lock).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import pandas as pd
 
@@ -33,6 +35,7 @@ from .stages.base import ShardJob
 from ..cache.store import (
     CACHE_RECORD,
     IMAGES_TABLE,
+    LIBRARY_LOG,
     LOCK_FILE,
     Cache,
     CacheLock,
@@ -124,23 +127,28 @@ def requested_stages(request: ExtractRequest) -> tuple[list[str], dict]:
     return with_dependencies(requested), options
 
 
-def checked_configs(stages: list[str], options: dict) -> dict[str, dict]:
-    """Each stage's config resolved and checked (weights read and hashed, label maps, folders)."""
-    configs = {name: get_stage(name).resolve_config(options.get(name) or {}) for name in stages}
-    for name in stages:
-        get_stage(name).check(configs[name])
-    return configs
+def resolved_configs(stages: list[str], options: dict) -> dict[str, dict]:
+    """Each stage's config resolved: defaults filled, every option checked, weights hashed."""
+    return {name: get_stage(name).resolve_config(options.get(name) or {}) for name in stages}
+
+
+def check_configs(configs: dict[str, dict]) -> None:
+    """What each stage's workers would otherwise find too late: weights read and matched, label maps,
+    folders."""
+    for name, config in configs.items():
+        get_stage(name).check(config)
 
 
 class Startup:
     """What an extract prepares before its first task, off the critical path: in a background thread,
     the images are listed and, for a new cache on an embedded cluster, the LocalCluster is started
-    (sized by the planned task count), while this process checks the stage configs. A cache that
-    already exists gets its cluster only once the run knows it has work to do there (a finished cache
-    starts none). Errors keep their order: a config error first, then an image-listing one. An extract
-    refused or interrupted before its first task waits for none of it: :meth:`close` leaves the
-    listing to end on its own (no cluster is started after it) and stops the cluster's workers at once
-    (:class:`~.executors.ClusterStart`)."""
+    (sized by the planned task count), while this process resolves the stage configs; its workers
+    then build the run's models (:meth:`build_ahead`) while this process checks those configs. A
+    cache that already exists gets its cluster only once the run knows it has work to do there (a
+    finished cache starts none). Errors keep their order: a config error first, then an
+    image-listing one. An extract refused or interrupted before its first task waits for none of it:
+    :meth:`close` leaves the listing to end on its own (no cluster is started after it) and stops the
+    cluster's workers at once, builds and all (:class:`~.executors.ClusterStart`)."""
 
     def __init__(self, request: ExtractRequest, stages: list[str], root: str):
         self._request = request
@@ -148,7 +156,8 @@ class Startup:
         self._error: BaseException | None = None
         self._cluster: ClusterStart | None = None
         self._cluster_error: BaseException | None = None
-        self._closing = threading.Lock()  # taken to start the cluster, and by close(): never both
+        self._models: list[tuple[str, dict]] | None = None
+        self._closing = threading.Lock()  # taken to start the cluster, to hand it the models, and by close()
         self._closed = False
         self._listed = threading.Thread(target=self._list_and_start, args=(stages, root), name="shnet-startup", daemon=True)
         self._listed.start()
@@ -164,9 +173,21 @@ class Startup:
                 return
             shard_size = self._request.shard_size or DEFAULT_SHARD_SIZE
             try:
-                self._cluster = ClusterStart(self._request, planned_task_count(len(self._images), len(stages), shard_size))
+                cluster = ClusterStart(self._request, planned_task_count(len(self._images), len(stages), shard_size), str(Cache.library_log_path(root)))
             except BaseException as exc:  # noqa: BLE001 - raised in the run's thread by cluster()
                 self._cluster_error = exc
+                return
+            self._cluster = cluster
+            if self._models is not None:
+                cluster.build(self._models)
+
+    def build_ahead(self, models: list[tuple[str, dict]]) -> None:
+        """The run's (stage, config) pairs, resolved: the cluster started ahead (now or once it is)
+        has its workers build them while this process checks the configs."""
+        with self._closing:
+            self._models = models
+            if self._cluster is not None:
+                self._cluster.build(models)
 
     def images(self) -> pd.DataFrame:
         """The images found (raising what stopped the listing)."""
@@ -176,7 +197,8 @@ class Startup:
         return self._images
 
     def cluster(self):
-        """The LocalCluster started ahead (waiting for its workers), or None: start one when needed."""
+        """The LocalCluster started ahead (waiting for its workers, set up to build the models given
+        to :meth:`build_ahead`), or None: start one when needed."""
         self._listed.join()
         if self._cluster_error is not None:
             raise self._cluster_error
@@ -190,17 +212,22 @@ class Startup:
             cluster.close()
 
 
+# what a new cache's folder may hold before the cache is created: the lock, and the folder of the log
+# that workers set up ahead write Dask's records to (made by their first record)
+_BEFORE_THE_CACHE = {LOCK_FILE, Path(LIBRARY_LOG).parts[0]}
+
+
 def _new_cache_at(root: str) -> bool:
-    """Whether ``root`` is free for a new cache (absent, or empty but for a lock file): a run there has
-    every (stage, shard) to do."""
-    return not os.path.isdir(root) or all(entry.name == LOCK_FILE for entry in os.scandir(root))
+    """Whether ``root`` is free for a new cache (absent, or empty but for a lock file and the workers'
+    log folder): a run there has every (stage, shard) to do."""
+    return not os.path.isdir(root) or all(entry.name in _BEFORE_THE_CACHE for entry in os.scandir(root))
 
 
 def open_or_create_cache(root: str, images: pd.DataFrame, image_dirs: list[str], shard_size: int | None) -> Cache:
     """The existing cache after checking it was planned over the same images, or a new one."""
     if os.path.exists(os.path.join(root, CACHE_RECORD)):
         return open_existing_cache(root, images, shard_size)
-    if os.path.exists(root) and any(entry.name != LOCK_FILE for entry in os.scandir(root)):
+    if os.path.exists(root) and any(entry.name not in _BEFORE_THE_CACHE for entry in os.scandir(root)):
         raise CacheError(f"{root} exists, is not empty and is not a shnet cache; choose a new -o directory")
     return create_cache(root, images, shard_size or DEFAULT_SHARD_SIZE, image_dirs)
 
@@ -256,7 +283,9 @@ def run_extract(request: ExtractRequest, display=None) -> ExtractReport:
     root = os.path.abspath(os.path.expanduser(request.cache))
     startup = Startup(request, stages, root)
     try:
-        configs = checked_configs(stages, options)
+        configs = resolved_configs(stages, options)
+        startup.build_ahead([(name, configs[name]) for name in stages])
+        check_configs(configs)
         images = startup.images()
         done = finished_cache(root, images, request, stages, configs)
         if done is not None:
