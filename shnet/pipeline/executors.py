@@ -152,9 +152,11 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def torch_threads_per_worker(cluster, request) -> int:
-    """Torch threads for each task thread of an embedded worker: the cores shared between them."""
-    return max(1, available_cores() // (len(cluster.worker_spec) * request.threads_per_worker))
+def embedded_setup(cluster, request, models: list[tuple[str, dict]], log_file: str | None) -> WorkerSetup:
+    """The setup of an embedded cluster's workers: each task thread gets its share of the cores as
+    torch threads, and every worker builds ``models`` ahead and logs Dask's records to ``log_file``."""
+    torch_threads = max(1, available_cores() // (len(cluster.worker_spec) * request.threads_per_worker))
+    return WorkerSetup(torch_threads, request.device, models, log_file)
 
 
 def worker_count(request, num_tasks: int) -> int:
@@ -283,9 +285,8 @@ async def _started(cluster, models: concurrent.futures.Future, request, log_file
     run_models = await asyncio.wrap_future(models)
     if run_models is None:
         return
-    setup = WorkerSetup(torch_threads_per_worker(cluster, request), request.device, run_models, log_file)
     async with Client(cluster.scheduler_address, asynchronous=True) as client:
-        await client.register_plugin(setup, name=WorkerSetup.name)
+        await client.register_plugin(embedded_setup(cluster, request, run_models, log_file), name=WorkerSetup.name)
 
 
 def close_quickly(cluster, started: concurrent.futures.Future | None = None) -> None:
@@ -357,7 +358,7 @@ def dask_client(request, num_tasks: int, models: list[tuple[str, dict]], cluster
     client = Client(cluster)
     try:
         if owned:
-            client.register_plugin(WorkerSetup(torch_threads_per_worker(cluster, request), request.device, models, log_file), name=WorkerSetup.name)
+            client.register_plugin(embedded_setup(cluster, request, models, log_file), name=WorkerSetup.name)
         yield client
     finally:
         client.close()

@@ -35,7 +35,7 @@ def check_backbone_name(model: str) -> None:
     )
 
 
-def weights_to_check(model: str, weights) -> bool:
+def has_more_than_a_name_to_check(model: str, weights) -> bool:
     """Whether a config's backbone needs more checking than its name: a weights file to read and
     match (or none given), or a timm name to look up. A known architecture with random weights
     needs none."""

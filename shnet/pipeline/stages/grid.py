@@ -12,7 +12,7 @@ from ...weights import weights_identity
 from ...errors import ShnetError
 from ...cache import schema
 from .base import ImageStage, StageOutput
-from ..grid_backbones import check_backbone_name, weights_to_check
+from ..grid_backbones import check_backbone_name, has_more_than_a_name_to_check
 from ...devices import autocast, place_model
 
 
@@ -35,7 +35,7 @@ class GridStage(ImageStage):
         return config
 
     def check(self, config):
-        if not weights_to_check(config["model"], config["weights"]):
+        if not has_more_than_a_name_to_check(config["model"], config["weights"]):
             return
         from ..models.grid import check_grid_weights
 
