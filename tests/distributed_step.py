@@ -1,10 +1,12 @@
 """One training step of a small region model, run alone or under torchrun; rank 0 saves the loss,
 the parameter gradients (after DistributedDataParallel's average) and the BatchNorm running
-statistics to OUT. Used by tests/test_trainer_distributed.py to compare N ranks with one process."""
+statistics to OUT, and every rank fails if gloo's threads outlive the process group. Used by
+tests/test_trainer_distributed.py to compare N ranks with one process."""
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -22,6 +24,21 @@ def main(cache: str, captions_file: str, out: str, batch_size: int) -> None:
     torch.set_num_threads(1)
     world = distributed.world_from_environment()
     device = distributed.start(world, torch.device("cpu"))
+    step(cache, captions_file, out, batch_size, world, device)
+    distributed.stop()
+    left = gloo_threads()
+    if left:
+        sys.exit(f"rank {world.rank}: the process group's threads outlive it: {left}")
+
+
+def gloo_threads() -> list[str]:
+    """This process's gloo threads (Linux names them); none once the process group is freed."""
+    tasks = Path("/proc/self/task")
+    names = [(task / "comm").read_text().strip() for task in tasks.iterdir()] if tasks.is_dir() else []
+    return [name for name in names if "gloo" in name]
+
+
+def step(cache: str, captions_file: str, out: str, batch_size: int, world: distributed.World, device: torch.device) -> None:
     torch.manual_seed(0)
     index = FeatureIndex([cache], "region")
     captions = match_split(select_split(read_captions(captions_file), "train"), index, "error", print)
@@ -39,7 +56,6 @@ def main(cache: str, captions_file: str, out: str, batch_size: int) -> None:
         grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
         running = {name: b.clone() for name, b in model.named_buffers() if "running" in name}
         torch.save({"loss": loss.item(), "grads": grads, "running": running}, out)
-    distributed.stop()
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ and all-reduce only, which both nccl and gloo have.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import sys
 import time
@@ -91,13 +92,26 @@ def start(world: World, device: torch.device) -> torch.device:
         device = torch.device("cuda", world.local_rank if world.distributed else (device.index or 0))
         torch.cuda.set_device(device)
     if world.distributed and not dist.is_initialized():
+        _import_dynamo_before_the_process_group()
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, rank=world.rank, world_size=world.size, timeout=TIMEOUT)
     return device
 
 
+def _import_dynamo_before_the_process_group() -> None:
+    """``DistributedDataParallel`` imports TorchDynamo; imported after the process group exists,
+    TorchDynamo keeps a reference to it (torch 2.13), so ``destroy_process_group`` frees nothing and
+    gloo's threads run on into interpreter teardown, where they can abort the process (SIGABRT,
+    "terminate called without an active exception") after the training itself succeeded."""
+    import torch._dynamo  # noqa: F401
+
+
 def stop() -> None:
+    """Leave the process group and free it, so that its threads (gloo's, nccl's) end here and not in
+    interpreter teardown: what the run left in reference cycles is collected first (rank 0's
+    ``DistributedDataParallel`` wrapper is among it after a run, and holds the group)."""
     if dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 
